@@ -1,0 +1,167 @@
+"""ChunkReader: (field, chunk id) -> byte range -> verified, decoded chunk.
+
+The unit of I/O for everything above (datasets, loader, caches) is one chunk of one field: a zarr
+inner chunk (``chunk_rows`` samples of a fixed-shape field) or one Arrow record batch (the same
+sample range of a variable-length field). ``read`` fetches many chunks with one ``read_ranges``
+call, so remote backends keep all of them in flight at once; ranges of neighbouring chunks in the
+same object are coalesced into one request.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from hpstore import zarr_format as zf
+from hpstore.checksum import crc32c_hex
+from hpstore.errors import CorruptObjectError, InputError
+from hpstore.manifest import FieldSpec, Manifest, SplitSpec
+from hpstore.storage import Range, Storage
+
+Chunk = Any
+"""A decoded chunk: ``np.ndarray`` (fixed-shape field) or ``pa.Array`` (variable-length field)."""
+
+COALESCE_GAP = 64 << 10
+"""Neighbouring ranges closer than this are fetched as one request."""
+
+
+class ChunkReader:
+    """Reads chunks of one split. Thread-safe; shard indices are fetched once and kept."""
+
+    def __init__(self, storage: Storage, manifest: Manifest, split: SplitSpec) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.split = split
+        self._indices: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def field(self, name: str) -> FieldSpec:
+        try:
+            return self.split.fields[name]
+        except KeyError:
+            raise InputError(
+                f"split {self.split.name!r} has no field {name!r} (fields: {', '.join(self.split.fields)})"
+            ) from None
+
+    def chunk_nbytes(self, name: str, chunk: int) -> int:
+        """Decoded size of one chunk (what a RAM cache holds)."""
+        f = self.field(name)
+        start, stop = self.split.chunk_range(chunk)
+        if f.is_array:
+            return (stop - start) * np.dtype(f.dtype).itemsize * int(np.prod(f.shape or ()))
+        part, b = divmod(chunk, self.split.chunks_per_shard)
+        return f.parts[part].batches[b][1]
+
+    # -- ranges ---------------------------------------------------------------------------------
+
+    def _shard(self, f: FieldSpec, chunk: int) -> tuple[str, int]:
+        shard, inner = divmod(chunk, self.split.chunks_per_shard)
+        return zf.shard_key(f.path, shard, 1 + len(f.shape or ())), inner
+
+    def _load_indices(self, keys: Sequence[str]) -> None:
+        need = sorted({k for k in keys if k not in self._indices})
+        if not need:
+            return
+        n = zf.index_nbytes(self.split.chunks_per_shard)
+        ranges: list[Range] = []
+        for key in need:
+            obj = self.manifest.objects.get(key)
+            if obj is None:
+                raise CorruptObjectError(key, "shard is not listed in the manifest")
+            ranges.append((key, obj.size - n, obj.size))
+        bufs = self.storage.read_ranges(ranges)
+        with self._lock:
+            for key, buf in zip(need, bufs, strict=True):
+                self._indices[key] = zf.parse_index(buf, self.split.chunks_per_shard, key)
+
+    def ranges(self, name: str, chunks: Sequence[int]) -> list[Range]:
+        f = self.field(name)
+        if not f.is_array:
+            out = []
+            for c in chunks:
+                part, b = divmod(c, self.split.chunks_per_shard)
+                off, n, _ = f.parts[part].batches[b]
+                out.append((f.parts[part].key, off, off + n))
+            return out
+        located = [self._shard(f, c) for c in chunks]
+        self._load_indices([k for k, _ in located])
+        out = []
+        for key, inner in located:
+            off, n = (int(x) for x in self._indices[key][inner])
+            if off == int(zf.EMPTY):
+                raise CorruptObjectError(key, f"chunk {inner} is missing from the shard")
+            out.append((key, off, off + n))
+        return out
+
+    # -- read + decode ---------------------------------------------------------------------------
+
+    def fetch(self, ranges: Sequence[Range]) -> list[bytes]:
+        """Fetch ranges, coalescing neighbours in one object into single requests."""
+        order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
+        merged: list[tuple[str, int, int, list[int]]] = []
+        for i in order:
+            key, s, e = ranges[i]
+            if merged and merged[-1][0] == key and s - merged[-1][2] <= COALESCE_GAP and s >= merged[-1][1]:
+                k, ms, me, members = merged[-1]
+                merged[-1] = (k, ms, max(me, e), [*members, i])
+            else:
+                merged.append((key, s, e, [i]))
+        bufs = self.storage.read_ranges([(k, s, e) for k, s, e, _ in merged])
+        out: list[bytes] = [b""] * len(ranges)
+        for (_, ms, _, members), buf in zip(merged, bufs, strict=True):
+            view = memoryview(buf)
+            for i in members:
+                _, s, e = ranges[i]
+                out[i] = bytes(view[s - ms : e - ms]) if len(members) > 1 else buf
+        return out
+
+    def decode(self, name: str, chunk: int, raw: bytes) -> Chunk:
+        f = self.field(name)
+        start, stop = self.split.chunk_range(chunk)
+        if f.is_array:
+            key, inner = self._shard(f, chunk)
+            arr = zf.decode_chunk(
+                raw,
+                codec=f.codec,
+                dtype=f.dtype or "",
+                chunk_shape=(self.split.chunk_rows, *(f.shape or ())),
+                key=key,
+                chunk=inner,
+            )
+            return arr[: stop - start]
+        part, b = divmod(chunk, self.split.chunks_per_shard)
+        key = f.parts[part].key
+        if crc32c_hex(raw) != f.parts[part].batches[b][2]:
+            raise CorruptObjectError(key, f"checksum mismatch in record batch {b}")
+        try:
+            schema = _schema(f)
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(pa.py_buffer(raw)), schema)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise CorruptObjectError(key, f"record batch {b} does not decode: {exc}") from None
+        if batch.num_rows != stop - start:
+            raise CorruptObjectError(
+                key, f"record batch {b} has {batch.num_rows} rows, expected {stop - start}"
+            )
+        return batch.column(0)
+
+    def read(self, name: str, chunks: Sequence[int]) -> list[Chunk]:
+        """Decoded chunks of one field, in the order asked."""
+        raws = self.fetch(self.ranges(name, chunks))
+        return [self.decode(name, c, r) for c, r in zip(chunks, raws, strict=True)]
+
+
+_SCHEMAS: dict[str, pa.Schema] = {}
+
+
+def _schema(f: FieldSpec) -> pa.Schema:
+    """The one-column Arrow schema of a variable field, as the manifest records it."""
+    if not f.arrow_schema:
+        raise CorruptObjectError(f.path, "variable field has no Arrow schema in the manifest")
+    if f.arrow_schema not in _SCHEMAS:
+        _SCHEMAS[f.arrow_schema] = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(f.arrow_schema)))
+    return _SCHEMAS[f.arrow_schema]

@@ -1,0 +1,129 @@
+"""Store and Dataset: random access to a committed store.
+
+``hpstore.open(url)`` reads and checks the manifest (version, safe keys, every listed object
+present with its recorded size, nothing extra) and returns a ``Store``; ``store.split(name)`` gives a
+``Dataset`` indexed by sample: ``ds[i]``, ``ds[i:j]``, ``ds[array]``. A batched read fetches each
+needed chunk once, with all of its requests issued together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from hpstore.chunks import ChunkReader
+from hpstore.errors import InputError
+from hpstore.gather import gather
+from hpstore.manifest import FieldSpec, Manifest, SplitSpec, check_listing, read_manifest
+from hpstore.storage import Storage, open_storage
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """What a user sees of a field: dtype and per-sample shape, or ``shape=None`` when variable."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...] | None
+    attrs: Mapping[str, Any]
+
+    @property
+    def variable(self) -> bool:
+        return self.shape is None
+
+
+class Store:
+    """An opened, committed store."""
+
+    def __init__(self, storage: Storage, manifest: Manifest) -> None:
+        self.storage = storage
+        self.manifest = manifest
+        self.url = storage.url
+
+    @property
+    def splits(self) -> list[str]:
+        return list(self.manifest.splits)
+
+    @property
+    def stats(self) -> dict[str, float]:
+        return self.storage.stats.as_dict()
+
+    def split(self, name: str) -> Dataset:
+        try:
+            spec = self.manifest.splits[name]
+        except KeyError:
+            raise InputError(f"{self.url}: no split {name!r} (splits: {', '.join(self.splits)})") from None
+        return Dataset(self, spec)
+
+    def __repr__(self) -> str:
+        return f"Store({self.url!r}, splits={self.splits})"
+
+
+def open(url: str, *, storage_options: Mapping[str, Any] | None = None, check: bool = True) -> Store:
+    """Open the committed store at ``url`` (a local path or an fsspec URL).
+
+    ``check`` lists the store once and rejects missing, extra or wrongly sized objects.
+    """
+    storage = open_storage(url, storage_options)
+    manifest = read_manifest(storage)
+    if check:
+        check_listing(manifest, storage.list(manifest.generation), storage.url)
+    return Store(storage, manifest)
+
+
+class Dataset:
+    """One split of a store, indexed by sample."""
+
+    def __init__(self, store: Store, spec: SplitSpec) -> None:
+        self.store = store
+        self.spec = spec
+        self.name = spec.name
+        self.reader = ChunkReader(store.storage, store.manifest, spec)
+
+    def __len__(self) -> int:
+        return self.spec.num_samples
+
+    @property
+    def fields(self) -> dict[str, FieldInfo]:
+        return {name: _info(f) for name, f in self.spec.fields.items()}
+
+    def field_names(self, fields: Sequence[str] | None) -> list[str]:
+        names = list(self.spec.fields) if fields is None else list(fields)
+        for name in names:
+            self.reader.field(name)  # raises a clear error for unknown names
+        return names
+
+    def read(self, indices: Any, fields: Sequence[str] | None = None) -> dict[str, Any]:
+        """Rows at ``indices`` (any int array), each needed chunk read once."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        n = len(self)
+        if idx.size and (idx.min() < -n or idx.max() >= n):
+            raise IndexError(f"index out of range for split {self.name!r} of {n} samples")
+        idx = np.where(idx < 0, idx + n, idx)
+        chunk_ids = np.unique(idx // self.spec.chunk_rows).tolist()
+        out: dict[str, Any] = {}
+        for name in self.field_names(fields):
+            decoded = dict(zip(chunk_ids, self.reader.read(name, chunk_ids), strict=True))
+            out[name] = gather(self.spec.fields[name], idx, self.spec.chunk_rows, decoded)
+        return out
+
+    def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> dict[str, Any]:
+        if isinstance(key, int | np.integer):
+            row = self.read([int(key)])
+            return {k: v[0] for k, v in row.items()}
+        if isinstance(key, slice):
+            return self.read(np.arange(len(self))[key])
+        return self.read(key)
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}: {f.describe()}" for n, f in self.spec.fields.items())
+        return f"Dataset({self.name!r}, {len(self)} samples, {{{fields}}})"
+
+
+def _info(f: FieldSpec) -> FieldInfo:
+    if f.is_array:
+        return FieldInfo(f.name, f.dtype or "", tuple(f.shape or ()), f.attrs)
+    return FieldInfo(f.name, f.arrow_type or "", None, f.attrs)

@@ -1,0 +1,366 @@
+"""Storage: the byte I/O of one store root, local or any fsspec URL.
+
+Everything above this layer speaks in *keys* (``"data-ab12/train/image/c/0"``) relative to a root,
+never in paths or URLs. A Storage reads whole objects or byte ranges and writes whole objects
+atomically: a reader sees the old object, the new one, or none, never a torn write.
+
+Cross-cutting behaviour (latency injection, retries, counting) is added by wrappers that are
+themselves Storages (see ``hpstore.wrappers``); ``open_storage`` builds the stack in one place.
+Every backend counts what it does in ``stats``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from hpstore.errors import InputError, ObjectNotFoundError, StorageError
+
+Range = tuple[str, int, int]
+"""``(key, start, end)``: bytes ``[start, end)`` of object ``key``."""
+
+
+@dataclass
+class StorageStats:
+    """Counters of one storage stack. Reads and writes are counted where bytes move."""
+
+    bytes_read: int = 0
+    read_requests: int = 0
+    bytes_written: int = 0
+    write_requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    read_seconds: float = 0.0
+    write_seconds: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
+
+
+def check_key(key: str) -> str:
+    """Reject keys that could escape the store root or alias another key."""
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key:
+        raise InputError(f"unsafe object key {key!r}: keys are relative, '/'-separated paths")
+    parts = key.split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        raise InputError(f"unsafe object key {key!r}: no empty, '.' or '..' segments")
+    return key
+
+
+class Storage(ABC):
+    """Byte I/O under one root. Implementations must be safe to call from many threads."""
+
+    url: str
+    stats: StorageStats
+
+    @abstractmethod
+    def read(self, key: str) -> bytes:
+        """The whole object; ``ObjectNotFoundError`` when it does not exist."""
+
+    @abstractmethod
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``; a short result (object smaller than ``end``) raises."""
+
+    def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
+        """Many ranges, in order. Backends override this to keep many requests in flight."""
+        return [self.read_range(k, s, e) for k, s, e in ranges]
+
+    @abstractmethod
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        """Write a whole object atomically (replace if it exists)."""
+
+    @abstractmethod
+    def size(self, key: str) -> int:
+        """Object size in bytes; ``ObjectNotFoundError`` when it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """Every object under ``prefix`` (recursive), as key -> size. Missing prefix: empty."""
+
+    @abstractmethod
+    def delete_prefix(self, prefix: str) -> None:
+        """Delete every object under ``prefix`` (a directory-like prefix or a single key)."""
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    def child(self, prefix: str) -> Storage:
+        """A Storage rooted at ``prefix`` inside this one, sharing backend and counters."""
+        return PrefixStorage(self, prefix)
+
+
+class LocalStorage(Storage):
+    """A directory on a local file system. Reads use ``pread``; writes go through a temp file."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = self.root
+        self.stats = StorageStats()
+
+    def _path(self, key: str) -> str:
+        return os.path.join(self.root, *check_key(key).split("/"))
+
+    def read(self, key: str) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            with open(self._path(key), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
+        self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
+        return data
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            fd = os.open(self._path(key), os.O_RDONLY)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
+        try:
+            data = os.pread(fd, end - start, start)
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
+        finally:
+            os.close(fd)
+        if len(data) != end - start:
+            raise StorageError(
+                f"{self.url}/{key}: short read ({len(data)} of {end - start} bytes at {start})"
+            )
+        self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
+        return data
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        t0 = time.perf_counter()
+        path = self._path(key)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
+        self.stats.add(bytes_written=len(data), write_requests=1, write_seconds=time.perf_counter() - t0)
+
+    def size(self, key: str) -> int:
+        try:
+            return os.stat(self._path(key)).st_size
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        base = self._path(prefix) if prefix else self.root
+        if os.path.isfile(base):
+            return {prefix: os.stat(base).st_size}
+        out: dict[str, int] = {}
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root)
+            for name in files:
+                key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
+                try:
+                    out[key] = os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:  # deleted while listing
+                    continue
+        return out
+
+    def delete_prefix(self, prefix: str) -> None:
+        import shutil
+
+        path = self._path(prefix)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.unlink(path)
+
+
+class FsspecStorage(Storage):
+    """Any fsspec file system (``s3://``, ``memory://``, ``gs://`` ...).
+
+    ``read_ranges`` uses ``cat_ranges``, which async file systems (s3fs) run concurrently, so many
+    byte-range requests are in flight at once and per-request latency is hidden.
+    """
+
+    def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
+        import fsspec
+
+        try:
+            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+        except (ImportError, ValueError) as exc:
+            raise InputError(f"{url}: cannot open this URL: {exc}") from exc
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url.rstrip("/")
+        self.stats = StorageStats()
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{check_key(key)}"
+
+    def _missing(self, key: str) -> ObjectNotFoundError:
+        return ObjectNotFoundError(f"{self.url}/{key}: no such object")
+
+    def read(self, key: str) -> bytes:
+        t0 = time.perf_counter()
+        try:
+            data = self.fs.cat_file(self._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
+        return bytes(data)
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return self.read_ranges([(key, start, end)])[0]
+
+    def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
+        if not ranges:
+            return []
+        t0 = time.perf_counter()
+        paths = [self._path(k) for k, _, _ in ranges]
+        try:
+            out = self.fs.cat_ranges(
+                paths, [s for _, s, _ in ranges], [e for _, _, e in ranges], on_error="raise"
+            )
+        except FileNotFoundError as exc:
+            raise ObjectNotFoundError(f"{self.url}: missing object: {exc}") from None
+        results: list[bytes] = []
+        for (key, start, end), data in zip(ranges, out, strict=True):
+            if isinstance(data, BaseException):
+                raise StorageError(f"{self.url}/{key}: {data}") from data
+            if len(data) != end - start:
+                raise StorageError(
+                    f"{self.url}/{key}: short read ({len(data)} of {end - start} bytes at {start})"
+                )
+            results.append(bytes(data))
+        self.stats.add(
+            bytes_read=sum(len(d) for d in results),
+            read_requests=len(results),
+            read_seconds=time.perf_counter() - t0,
+        )
+        return results
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        # A single PUT (or a multipart upload completed in one call) is atomic on object stores.
+        t0 = time.perf_counter()
+        path = self._path(key)
+        parent = path.rsplit("/", 1)[0]
+        try:
+            if not getattr(self.fs, "async_impl", False):
+                self.fs.makedirs(parent, exist_ok=True)
+            self.fs.pipe_file(path, bytes(data))
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: cannot write: {exc}") from exc
+        self.stats.add(bytes_written=len(data), write_requests=1, write_seconds=time.perf_counter() - t0)
+
+    def size(self, key: str) -> int:
+        try:
+            info = self.fs.info(self._path(key))
+        except FileNotFoundError:
+            raise self._missing(key) from None
+        if info.get("type") == "directory":
+            raise self._missing(key)
+        return int(info["size"])
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        base = self._path(prefix) if prefix else self.root
+        try:
+            found = self.fs.find(base, detail=True)
+        except FileNotFoundError:
+            return {}
+        out: dict[str, int] = {}
+        strip = len(self.root) + 1
+        for path, info in found.items():
+            if info.get("type") == "directory":
+                continue
+            out[path.lstrip("/")[strip - 1 :] if path.startswith("/") else path[strip:]] = int(info["size"])
+        return out
+
+    def delete_prefix(self, prefix: str) -> None:
+        path = self._path(prefix)
+        try:
+            self.fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+        self.fs.invalidate_cache()
+
+
+class PrefixStorage(Storage):
+    """A view of another Storage under a key prefix (shares its backend and counters)."""
+
+    def __init__(self, inner: Storage, prefix: str) -> None:
+        self.inner = inner
+        self.prefix = check_key(prefix.strip("/"))
+        self.url = f"{inner.url}/{self.prefix}"
+        self.stats = inner.stats
+
+    def _k(self, key: str) -> str:
+        return f"{self.prefix}/{check_key(key)}"
+
+    def read(self, key: str) -> bytes:
+        return self.inner.read(self._k(key))
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return self.inner.read_range(self._k(key), start, end)
+
+    def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
+        return self.inner.read_ranges([(self._k(k), s, e) for k, s, e in ranges])
+
+    def write(self, key: str, data: bytes | memoryview) -> None:
+        self.inner.write(self._k(key), data)
+
+    def size(self, key: str) -> int:
+        return self.inner.size(self._k(key))
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        n = len(self.prefix) + 1
+        found = self.inner.list(self._k(prefix) if prefix else self.prefix)
+        return {k[n:]: v for k, v in found.items()}
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.inner.delete_prefix(self._k(prefix))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def open_storage(url: str, storage_options: Mapping[str, Any] | None = None) -> Storage:
+    """The storage stack for a URL: the backend, wrapped for retries where the backend is remote."""
+    if not url:
+        raise InputError("empty store URL")
+    if is_local(url):
+        return LocalStorage(url.removeprefix("file://"))
+    from hpstore.wrappers import RetryingStorage
+
+    return RetryingStorage(FsspecStorage(url, storage_options))
+
+
+def parallel_map(fn: Any, items: Sequence[Any], workers: int) -> list[Any]:
+    """``[fn(x) for x in items]`` on a thread pool; the first error re-raises in the caller."""
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(fn, items))

@@ -1,0 +1,401 @@
+"""StoreWriter: streams batches of rows into a new store generation and commits it atomically.
+
+Flow (bounded memory, overlapped stages)::
+
+    source batches -> row buffer (one chunk) -> encode pool (per chunk, per field)
+                                             -> write pool (one job per shard / Arrow part)
+                                             -> manifest.json last
+
+Each shard (or Arrow part) is written by exactly one job, because parallel writers into one zarr
+shard would overwrite each other. The number of chunks in flight is capped, so memory stays at a few
+chunks per worker plus the encoded shards being assembled, whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import math
+import threading
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import numpy as np
+import pyarrow as pa
+
+from hpstore import zarr_format as zf
+from hpstore.checksum import crc32c_hex
+from hpstore.errors import InputError, StoreExistsError
+from hpstore.manifest import (
+    MANIFEST_KEY,
+    ArrowPart,
+    Codec,
+    FieldSpec,
+    Manifest,
+    ObjectEntry,
+    SplitSpec,
+    commit_manifest,
+)
+from hpstore.storage import Storage
+
+Column: TypeAlias = Any
+"""A column of rows: ``np.ndarray`` (fixed-shape field) or ``pa.Array`` / ``pa.ChunkedArray``."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """How a split is cut: target bytes per chunk and per shard, the codec, the parallelism."""
+
+    chunk_bytes: int = 1 << 20
+    shard_bytes: int = 64 << 20
+    codec: Codec = field(default_factory=lambda: {"name": "zstd", "level": 1})
+    workers: int = 2
+    writers: int = 4
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1024:
+            raise InputError(f"chunk size {self.chunk_bytes} bytes is too small (at least 1 KiB)")
+        if self.shard_bytes < self.chunk_bytes:
+            raise InputError("shard size must be at least the chunk size")
+        if self.workers < 1 or self.writers < 1:
+            raise InputError("workers and writers must be at least 1")
+        zf.validate_codec(self.codec)
+
+
+def _row_bytes(col: Column) -> float:
+    if isinstance(col, np.ndarray):
+        return max(1.0, col.dtype.itemsize * math.prod(col.shape[1:]))
+    n = len(col)
+    return max(1.0, col.nbytes / max(n, 1))
+
+
+def _to_arrow(col: Column) -> pa.Array:
+    if isinstance(col, pa.ChunkedArray):
+        return col.combine_chunks()
+    return col
+
+
+def _slice(col: Column, start: int, stop: int) -> Column:
+    return col[start:stop]
+
+
+def _concat(parts: list[Column]) -> Column:
+    if isinstance(parts[0], np.ndarray):
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return pa.concat_arrays([_to_arrow(p) for p in parts])
+
+
+class _FieldWriter:
+    """Encodes chunks of one field and writes them, one job per shard or Arrow part."""
+
+    def __init__(self, sw: SplitWriter, name: str, first: Column) -> None:
+        self.sw = sw
+        self.name = name
+        self.path = f"{sw.prefix}/{name}"
+        self.is_array = isinstance(first, np.ndarray)
+        if self.is_array:
+            assert isinstance(first, np.ndarray)
+            self.dtype = zf.check_dtype(first.dtype, f"field {name!r}")
+            self.sample_shape: tuple[int, ...] = tuple(int(d) for d in first.shape[1:])
+            self.arrow_type: pa.DataType | None = None
+        else:
+            self.arrow_type = _to_arrow(first).type
+        self.pending: list[Future[Any]] = []  # chunks of the shard being assembled
+        self.shard_jobs: list[Future[Any]] = []
+
+    def check(self, col: Column) -> None:
+        if self.is_array:
+            if not isinstance(col, np.ndarray):
+                raise InputError(f"field {self.name!r}: mixes fixed-shape and variable-length values")
+            if tuple(col.shape[1:]) != self.sample_shape:
+                raise InputError(
+                    f"field {self.name!r}: mixed shapes {list(self.sample_shape)} and {list(col.shape[1:])} "
+                    "in a fixed-shape field"
+                )
+            if col.dtype.name != self.dtype:
+                raise InputError(f"field {self.name!r}: mixed dtypes {self.dtype} and {col.dtype.name}")
+        elif isinstance(col, np.ndarray) or _to_arrow(col).type != self.arrow_type:
+            got = col.dtype if isinstance(col, np.ndarray) else _to_arrow(col).type
+            raise InputError(f"field {self.name!r}: mixed types {self.arrow_type} and {got}")
+
+    def add_chunk(self, rows: Column) -> None:
+        sw = self.sw
+        if self.is_array:
+            self.pending.append(sw.writer.submit_encode(rows, sw.chunk_rows, sw.codec))
+        else:
+            done: Future[Any] = Future()
+            done.set_result(pa.record_batch([_to_arrow(rows)], names=[self.name]))
+            self.pending.append(done)
+        if len(self.pending) == sw.chunks_per_shard:
+            self.flush_shard()
+
+    def flush_shard(self) -> None:
+        if not self.pending:
+            return
+        shard = len(self.shard_jobs)
+        chunks, self.pending = self.pending, []
+        job = self._write_shard if self.is_array else self._write_part
+        self.shard_jobs.append(self.sw.writer.submit_write(job, shard, chunks))
+
+    def _write_shard(self, shard: int, chunks: list[Future[Any]]) -> tuple[tuple[str, ObjectEntry], None]:
+        data = zf.encode_shard([f.result() for f in chunks], self.sw.chunks_per_shard)
+        key = zf.shard_key(self.path, shard, 1 + len(self.sample_shape))
+        return self.sw.writer.put(key, data), None
+
+    def _write_part(self, shard: int, chunks: list[Future[Any]]) -> tuple[tuple[str, ObjectEntry], ArrowPart]:
+        sink = pa.BufferOutputStream()
+        batches = []
+        opts = pa.ipc.IpcWriteOptions(compression=self.sw.arrow_compression)
+        with pa.ipc.new_file(sink, chunks[0].result().schema, options=opts) as w:
+            for f in chunks:
+                start = sink.tell()
+                w.write_batch(f.result())
+                batches.append((start, sink.tell() - start))
+        # The file writer emits the magic and the schema lazily with the first batch; the first
+        # range must start at the record batch message itself.
+        skip = 8 + chunks[0].result().schema.serialize().size
+        batches[0] = (batches[0][0] + skip, batches[0][1] - skip)
+        data = sink.getvalue().to_pybytes()
+        key = f"{self.path}/part-{shard:05d}.arrow"
+        with_crc = tuple((o, n, crc32c_hex(memoryview(data)[o : o + n])) for o, n in batches)
+        entry = self.sw.writer.put(key, data)
+        return (entry[0], entry[1]), ArrowPart(key=key, batches=with_crc)
+
+    def finish(self, num_samples: int) -> tuple[FieldSpec, dict[str, ObjectEntry]]:
+        self.flush_shard()
+        objects: dict[str, ObjectEntry] = {}
+        parts = []
+        for job in self.shard_jobs:
+            (key, entry), part = job.result()
+            objects[key] = entry
+            if part is not None:
+                parts.append(part)
+        if self.is_array:
+            meta = zf.array_metadata(
+                num_samples=num_samples,
+                sample_shape=self.sample_shape,
+                dtype=self.dtype,
+                chunk_rows=self.sw.chunk_rows,
+                chunks_per_shard=self.sw.chunks_per_shard,
+                codec=self.sw.codec,
+            )
+            key, entry = self.sw.writer.put(f"{self.path}/zarr.json", meta)
+            objects[key] = entry
+            spec = FieldSpec(
+                name=self.name,
+                kind="array",
+                path=self.path,
+                dtype=self.dtype,
+                shape=self.sample_shape,
+                codec=self.sw.codec,
+                attrs=self.sw.attrs.get(self.name, {}),
+            )
+        else:
+            spec = FieldSpec(
+                name=self.name,
+                kind="variable",
+                path=self.path,
+                arrow_type=str(self.arrow_type),
+                arrow_schema=base64.b64encode(
+                    pa.schema([(self.name, self.arrow_type)]).serialize().to_pybytes()
+                ).decode(),
+                codec={"name": self.sw.arrow_compression or "none"},
+                parts=tuple(parts),
+                attrs=self.sw.attrs.get(self.name, {}),
+            )
+        return spec, objects
+
+
+class SplitWriter:
+    """Accepts batches of rows (dict field -> column) for one split; every batch has every field."""
+
+    def __init__(
+        self, writer: StoreWriter, name: str, attrs: Mapping[str, dict[str, Any]] | None = None
+    ) -> None:
+        self.writer = writer
+        self.name = name
+        self.prefix = f"{writer.generation}/{name}"
+        self.codec = writer.layout.codec
+        self.arrow_compression = (
+            None if self.codec["name"] == "none" else ("zstd" if self.codec["name"] == "zstd" else "lz4")
+        )
+        self.encode_pool = writer.encode_pool
+        self.attrs = dict(attrs or {})
+        self.fields: dict[str, _FieldWriter] = {}
+        self.buffer: dict[str, list[Column]] = {}
+        self.buffered = 0
+        self.num_samples = 0
+        self.chunk_rows = 0
+        self.chunks_per_shard = 0
+
+    def _start(self, batch: Mapping[str, Column]) -> None:
+        if not batch:
+            raise InputError(f"split {self.name!r}: no fields")
+        n = len(next(iter(batch.values())))
+        row_bytes = sum(_row_bytes(c) for c in batch.values()) if n else 1.0
+        layout = self.writer.layout
+        self.chunk_rows = max(1, int(layout.chunk_bytes // row_bytes))
+        self.chunks_per_shard = max(1, layout.shard_bytes // max(1, int(self.chunk_rows * row_bytes)))
+        for name, col in batch.items():
+            self.fields[name] = _FieldWriter(self, name, col)
+            self.buffer[name] = []
+
+    def append(self, batch: Mapping[str, Column]) -> None:
+        if not self.fields:
+            self._start(batch)
+        if set(batch) != set(self.fields):
+            raise InputError(
+                f"split {self.name!r}: batch has fields {sorted(batch)}, expected {sorted(self.fields)}"
+            )
+        lengths = {name: len(col) for name, col in batch.items()}
+        if len(set(lengths.values())) > 1:
+            raise InputError(f"split {self.name!r}: fields have different row counts {lengths}")
+        n = next(iter(lengths.values()))
+        for name, col in batch.items():
+            self.fields[name].check(col)
+            self.buffer[name].append(col)
+        self.buffered += n
+        self.num_samples += n
+        while self.buffered >= self.chunk_rows:
+            self._emit(self.chunk_rows)
+
+    def _emit(self, rows: int) -> None:
+        for name, parts in self.buffer.items():
+            whole = _concat(parts)
+            self.fields[name].add_chunk(_slice(whole, 0, rows))
+            rest = _slice(whole, rows, len(whole))
+            self.buffer[name] = [rest] if len(rest) else []
+        self.buffered -= rows
+
+    def finish(self) -> tuple[SplitSpec, dict[str, ObjectEntry]]:
+        if not self.fields:
+            raise InputError(f"split {self.name!r}: no samples")
+        if self.buffered:
+            self._emit(self.buffered)
+        objects: dict[str, ObjectEntry] = {}
+        specs = {}
+        for name, fw in self.fields.items():
+            spec, objs = fw.finish(self.num_samples)
+            specs[name] = spec
+            objects.update(objs)
+        key, entry = self.writer.put(f"{self.prefix}/zarr.json", zf.group_metadata())
+        objects[key] = entry
+        split = SplitSpec(
+            name=self.name,
+            num_samples=self.num_samples,
+            chunk_rows=self.chunk_rows,
+            chunks_per_shard=self.chunks_per_shard,
+            fields=specs,
+        )
+        return split, objects
+
+
+class StoreWriter:
+    """Writes one new generation of a store; ``commit()`` makes it the store's content.
+
+    Use as a context manager: leaving the block with an exception abandons the generation (its
+    objects are removed, best effort) and never touches the committed manifest.
+    """
+
+    def __init__(
+        self,
+        storage: Storage,
+        *,
+        layout: Layout | None = None,
+        overwrite: bool = False,
+        source: dict[str, Any] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.layout = layout or Layout()
+        if not overwrite and storage.exists(MANIFEST_KEY):
+            raise StoreExistsError(
+                f"{storage.url}: a store already exists here (use --overwrite to replace it)"
+            )
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
+        self.generation = f"data-{stamp}-{uuid.uuid4().hex[:8]}"
+        self.source = dict(source or {})
+        self.encode_pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="hpstore-encode")
+        self.write_pool = ThreadPoolExecutor(self.layout.writers, thread_name_prefix="hpstore-write")
+        # Caps chunks held in memory: encoded-but-unwritten shards plus chunks being encoded.
+        self._inflight = threading.BoundedSemaphore(self.layout.writers + 1)
+        self._encoding = threading.BoundedSemaphore(2 * self.layout.workers)
+        self.splits: dict[str, SplitSpec] = {}
+        self.objects: dict[str, ObjectEntry] = {}
+        self.bytes_in = 0
+        self._committed = False
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.close(abandon=exc_type is not None or not self._committed)
+
+    def put(self, key: str, data: bytes) -> tuple[str, ObjectEntry]:
+        self.storage.write(key, data)
+        return key, ObjectEntry(size=len(data), crc32c=crc32c_hex(data))
+
+    def submit_encode(self, rows: np.ndarray, chunk_rows: int, codec: Codec) -> Future[bytes]:
+        """Encode one chunk on the pool; blocks while ``2 * workers`` raw chunks are in flight."""
+        self._encoding.acquire()
+        fut = self.encode_pool.submit(zf.encode_chunk, rows, chunk_rows, codec)
+        fut.add_done_callback(lambda _: self._encoding.release())
+        return fut
+
+    def submit_write(self, job: Any, *args: Any) -> Future[Any]:
+        """Run a shard/part write job; blocks while too many are in flight (bounded memory)."""
+        self._inflight.acquire()
+
+        def run() -> Any:
+            try:
+                return job(*args)
+            finally:
+                self._inflight.release()
+
+        return self.write_pool.submit(run)
+
+    def split(self, name: str, attrs: Mapping[str, dict[str, Any]] | None = None) -> SplitWriter:
+        if name in self.splits:
+            raise InputError(f"split {name!r} given twice")
+        return SplitWriter(self, name, attrs)
+
+    def add_split(self, sw: SplitWriter) -> SplitSpec:
+        spec, objects = sw.finish()
+        self.splits[spec.name] = spec
+        self.objects.update(objects)
+        return spec
+
+    def commit(self) -> Manifest:
+        if not self.splits:
+            raise InputError("nothing to commit: no splits were written")
+        key, entry = self.put(f"{self.generation}/zarr.json", zf.group_metadata({"hpstore": "data root"}))
+        self.objects[key] = entry
+        manifest = Manifest(
+            generation=self.generation,
+            splits=self.splits,
+            objects=self.objects,
+            source=self.source,
+            created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        )
+        commit_manifest(self.storage, manifest)
+        self._committed = True
+        self._collect_garbage()
+        return manifest
+
+    def _collect_garbage(self) -> None:
+        """Delete generations other than the committed one (earlier stores, killed ingests)."""
+        tops = {k.split("/", 1)[0] for k in self.storage.list() if "/" in k}
+        for top in tops:
+            if top.startswith("data-") and top != self.generation:
+                self.storage.delete_prefix(top)
+
+    def close(self, *, abandon: bool) -> None:
+        self.encode_pool.shutdown(wait=True, cancel_futures=True)
+        self.write_pool.shutdown(wait=True, cancel_futures=True)
+        if abandon and not self._committed:
+            try:
+                self.storage.delete_prefix(self.generation)
+            except Exception:  # best effort: an uncommitted generation is invisible anyway
+                pass
