@@ -99,9 +99,13 @@ def array_metadata(
     if codec["name"] == "zstd":
         compressors.append(zarr.codecs.ZstdCodec(level=codec["level"]))
     elif codec["name"] == "lz4":
-        shuffle = "shuffle" if itemsize > 1 else "noshuffle"
         compressors.append(
-            zarr.codecs.BloscCodec(cname="lz4", clevel=codec["level"], shuffle=shuffle, typesize=itemsize)
+            zarr.codecs.BloscCodec(
+                cname="lz4",
+                clevel=codec["level"],
+                shuffle="shuffle" if itemsize > 1 else "noshuffle",
+                typesize=itemsize,
+            )
         )
     compressors.append(zarr.codecs.Crc32cCodec())
     store = MemoryStore()
