@@ -1,0 +1,113 @@
+"""The Storage contract, run against every backend that needs no server."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from hpstore.errors import InputError, ObjectNotFoundError, StorageError
+from hpstore.storage import FsspecStorage, LocalStorage, Storage, check_key, open_storage
+from hpstore.wrappers import LatencyStorage, RetryingStorage, RetryPolicy
+
+
+@pytest.fixture(params=["local", "memory", "prefix"])
+def storage(request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Iterator[Storage]:
+    if request.param == "local":
+        yield LocalStorage(str(tmp_path))
+    elif request.param == "memory":
+        s = FsspecStorage(f"memory://hpstore-test-{uuid.uuid4().hex}")
+        yield s
+    else:
+        yield LocalStorage(str(tmp_path)).child("nested/root")
+
+
+def test_write_read_range_size_list_delete(storage: Storage) -> None:
+    storage.write("a/b/obj", b"0123456789")
+    storage.write("a/other", b"xy")
+    assert storage.read("a/b/obj") == b"0123456789"
+    assert storage.read_range("a/b/obj", 2, 5) == b"234"
+    assert storage.read_ranges([("a/b/obj", 0, 1), ("a/other", 1, 2), ("a/b/obj", 9, 10)]) == [
+        b"0",
+        b"y",
+        b"9",
+    ]
+    assert storage.size("a/b/obj") == 10
+    assert storage.list("a") == {"a/b/obj": 10, "a/other": 2}
+    assert storage.exists("a/other") and not storage.exists("a/none")
+    storage.write("a/other", b"replaced")
+    assert storage.read("a/other") == b"replaced"
+    storage.delete_prefix("a/b")
+    assert storage.list("a") == {"a/other": 8}
+    assert storage.stats.bytes_read >= 10 + 3 + 3
+    assert storage.stats.write_requests == 3
+
+
+def test_missing_objects_and_short_reads_raise(storage: Storage) -> None:
+    with pytest.raises(ObjectNotFoundError):
+        storage.read("nope")
+    with pytest.raises(ObjectNotFoundError):
+        storage.size("nope")
+    storage.write("small", b"abc")
+    with pytest.raises(StorageError, match="short read"):
+        storage.read_range("small", 0, 10)
+    assert storage.list("no/such/prefix") == {}
+
+
+@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "../up", "a//b", "a/./b", "a\\b"])
+def test_unsafe_keys_are_rejected(key: str) -> None:
+    with pytest.raises(InputError):
+        check_key(key)
+
+
+def test_local_write_leaves_no_temp_files(tmp_path: os.PathLike[str]) -> None:
+    s = LocalStorage(str(tmp_path))
+    for i in range(5):
+        s.write("k", str(i).encode())
+    assert sorted(os.listdir(tmp_path)) == ["k"]
+
+
+def test_open_storage_picks_backend(tmp_path: os.PathLike[str]) -> None:
+    assert isinstance(open_storage(str(tmp_path)), LocalStorage)
+    assert isinstance(open_storage(f"file://{tmp_path}"), LocalStorage)
+    assert isinstance(open_storage("memory://x"), RetryingStorage)
+    with pytest.raises(InputError):
+        open_storage("")
+    with pytest.raises(InputError):
+        open_storage("nosuchproto://bucket/x")
+
+
+class Flaky(LocalStorage):
+    """A real local storage whose first ``fail`` reads raise a transient error."""
+
+    def __init__(self, root: str, fail: int) -> None:
+        super().__init__(root)
+        self.fail = fail
+
+    def read(self, key: str) -> bytes:
+        if self.fail > 0:
+            self.fail -= 1
+            raise ConnectionResetError("connection reset by peer")
+        return super().read(key)
+
+
+def test_retrying_storage_retries_transient_and_gives_up(tmp_path: os.PathLike[str]) -> None:
+    inner = Flaky(str(tmp_path), fail=2)
+    inner.write("k", b"v")
+    s = RetryingStorage(inner, RetryPolicy(attempts=3, base_delay=0.001))
+    assert s.read("k") == b"v"
+    assert s.stats.retries == 2
+    inner.fail = 5
+    with pytest.raises(StorageError, match="failed after 3 attempts"):
+        s.read("k")
+    assert s.stats.failures == 1
+    with pytest.raises(ObjectNotFoundError):  # permanent: no retries
+        s.read("missing")
+
+
+def test_latency_storage_delegates(tmp_path: os.PathLike[str]) -> None:
+    s = LatencyStorage(LocalStorage(str(tmp_path)), 0.0)
+    s.write("k", b"v")
+    assert s.read_ranges([("k", 0, 1)]) == [b"v"]
