@@ -65,6 +65,9 @@ class FieldSpec:
     arrow_schema: str | None = None  # base64 of the Arrow IPC schema message (exact nested types)
     parts: tuple[ArrowPart, ...] = ()
     attrs: dict[str, Any] = field(default_factory=dict)
+    nbytes: int | None = None
+    """Uncompressed bytes of the field's values (array: samples x itemsize x shape; variable: the
+    Arrow buffers of its record batches). Optional: only what ``inspect`` reports as a ratio."""
 
     @property
     def is_array(self) -> bool:
@@ -163,6 +166,8 @@ def _field_to_dict(f: FieldSpec) -> dict[str, Any]:
         )
     if f.attrs:
         d["attrs"] = f.attrs
+    if f.nbytes is not None:
+        d["nbytes"] = f.nbytes
     return d
 
 
@@ -193,6 +198,7 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
                     shape=tuple(int(x) for x in f["shape"]),
                     codec=dict(f["codec"]),
                     attrs=dict(f.get("attrs", {})),
+                    nbytes=_optional_int(f.get("nbytes")),
                 )
             elif f["kind"] == "variable":
                 parts = tuple(
@@ -211,6 +217,7 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
                     codec=dict(f.get("codec", {"name": "none"})),
                     parts=parts,
                     attrs=dict(f.get("attrs", {})),
+                    nbytes=_optional_int(f.get("nbytes")),
                 )
             else:
                 raise ManifestError(f"{where}: field {sname}/{fname} has unknown kind {f['kind']!r}")
@@ -232,6 +239,10 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
         source=dict(doc.get("source", {})),
         created=str(doc.get("created", "")),
     )
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def _safe(key: str, where: str) -> str:

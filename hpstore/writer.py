@@ -103,6 +103,7 @@ class _FieldWriter:
             self.arrow_type: pa.DataType | None = None
         else:
             self.arrow_type = _to_arrow(first).type
+        self.raw_nbytes = 0  # uncompressed bytes seen, recorded in the manifest for ratios
         self.pending: list[Future[Any]] = []  # chunks of the shard being assembled
         self.shard_jobs: list[Future[Any]] = []
 
@@ -127,7 +128,9 @@ class _FieldWriter:
             self.pending.append(sw.writer.submit_encode(rows, sw.chunk_rows, sw.codec))
         else:
             done: Future[Any] = Future()
-            done.set_result(pa.record_batch([_to_arrow(rows)], names=[self.name]))
+            batch = pa.record_batch([_to_arrow(rows)], names=[self.name])
+            self.raw_nbytes += batch.nbytes
+            done.set_result(batch)
             self.pending.append(done)
         if len(self.pending) == sw.chunks_per_shard:
             self.flush_shard()
@@ -192,6 +195,7 @@ class _FieldWriter:
                 shape=self.sample_shape,
                 codec=self.sw.codec,
                 attrs=self.sw.attrs.get(self.name, {}),
+                nbytes=num_samples * np.dtype(self.dtype).itemsize * math.prod(self.sample_shape),
             )
         else:
             spec = FieldSpec(
@@ -205,6 +209,7 @@ class _FieldWriter:
                 codec={"name": self.sw.arrow_compression or "none"},
                 parts=tuple(parts),
                 attrs=self.sw.attrs.get(self.name, {}),
+                nbytes=self.raw_nbytes,
             )
         return spec, objects
 
