@@ -106,6 +106,10 @@ def main(run: Callable[[BenchConfig, Progress], list[Figure]], argv: list[str] |
     figures = run(cfg, lambda msg: print(f"  .. {msg}", file=sys.stderr, flush=True))
     for f in figures:
         print(format_figure(f))
-    name = (run.__module__ or "bench").rsplit(".", 1)[-1]
+    module = run.__module__ or "bench"
+    if module == "__main__":  # run as ``python -m benchmarks.<name>``: the spec keeps the real name
+        spec = getattr(sys.modules["__main__"], "__spec__", None)
+        module = spec.name if spec is not None else "bench"
+    name = module.rsplit(".", 1)[-1]
     (cfg.out_dir / f"{name}.json").write_text(json.dumps([f.to_dict() for f in figures], indent=1))
     return 0
