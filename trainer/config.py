@@ -1,0 +1,202 @@
+"""TrainConfig: everything a training run is told, parsed from the command line and validated.
+
+The flag names are part of the command-line contract (``python -m trainer --help``). Parsing
+resolves every string into a typed value here, so nothing downstream switches on raw strings it
+could have rejected up front.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from hpstore.errors import InputError
+
+ModelName = Literal["mlp", "cnn"]
+DeviceName = Literal["auto", "cpu", "cuda"]
+AmpName = Literal["none", "bf16"]
+
+AUTO_EVAL = "auto"
+"""``--eval-split`` default: the ``test`` split when the store has one, else no evaluation."""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    data: str
+    model: ModelName = "cnn"
+    epochs: int = 1
+    batch_size: int = 128
+    train_split: str = "train"
+    eval_split: str | None = AUTO_EVAL
+    input: str = "image"
+    target: str = "label"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: DeviceName = "auto"
+    amp: AmpName = "none"
+    workers: int = 0
+    cache_bytes: int = 256 << 20
+    prefetch_bytes: int = 64 << 20
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    ckpt: str | None = None
+    ckpt_every: int = 0
+    keep: int = 3
+    resume: bool = False
+    metrics: str | None = None
+    log_every: int = 50
+    max_steps: int | None = None
+    log_indices: str | None = None
+    step_delay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _positive("--epochs", self.epochs)
+        _positive("--batch-size", self.batch_size)
+        _positive("--log-every", self.log_every)
+        _positive("--keep", self.keep)
+        if self.max_steps is not None:
+            _positive("--max-steps", self.max_steps)
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise InputError(f"--weight-decay must not be negative, got {self.weight_decay}")
+        if self.workers < 0:
+            raise InputError(f"--workers must not be negative, got {self.workers}")
+        if self.cache_bytes < 0 or self.prefetch_bytes < 1:
+            raise InputError("--cache-bytes must not be negative and --prefetch-bytes must be positive")
+        if self.ckpt_every < 0:
+            raise InputError(f"--ckpt-every must not be negative, got {self.ckpt_every}")
+        if self.resume and not self.ckpt:
+            raise InputError("--resume needs --ckpt DIR_OR_URL")
+        if self.ckpt_every and not self.ckpt:
+            raise InputError("--ckpt-every needs --ckpt DIR_OR_URL")
+        if self.step_delay < 0:
+            raise InputError("--step-delay must not be negative")
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise InputError(f"{flag} must be at least 1, got {value}")
+
+
+def parse_size(text: str) -> int:
+    """``"256M"``, ``"1.5GiB"``, ``"4096"`` -> bytes (binary units)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise InputError(f"not a size: {text!r} (examples: 4096, 64M, 1.5G)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_storage_option(text: str) -> tuple[str, Any]:
+    """``K=V``; V is read as JSON when it parses (numbers, true/false, objects), else kept as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise InputError(f"--storage-option expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig(data="")
+    p = argparse.ArgumentParser(
+        prog="python -m trainer",
+        description="Train a classifier from an hpstore store; under torchrun, one process per rank (DDP).",
+    )
+    p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
+    p.add_argument("--model", choices=["mlp", "cnn"], default=d.model)
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
+    p.add_argument("--train-split", default=d.train_split)
+    p.add_argument(
+        "--eval-split",
+        default=d.eval_split,
+        help="split evaluated after each epoch; default: 'test' if present, 'none' to skip",
+    )
+    p.add_argument("--input", default=d.input, help="fixed-shape image field (uint8 or float)")
+    p.add_argument("--target", default=d.target, help="integer label field")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (cosine decay)")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    p.add_argument("--amp", choices=["none", "bf16"], default=d.amp, help="autocast dtype")
+    p.add_argument("--workers", type=int, default=d.workers, help="loader worker count")
+    p.add_argument(
+        "--cache-bytes", type=parse_size, default=d.cache_bytes, help="loader RAM cache, e.g. 512M"
+    )
+    p.add_argument(
+        "--prefetch-bytes", type=parse_size, default=d.prefetch_bytes, help="loader read-ahead budget"
+    )
+    p.add_argument(
+        "--storage-option", action="append", default=[], metavar="K=V", type=parse_storage_option,
+        help="fsspec option for the store and the checkpoints (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--ckpt", default=None, metavar="DIR_OR_URL", help="checkpoint location")
+    p.add_argument(
+        "--ckpt-every", type=int, default=d.ckpt_every, help="steps between checkpoints (0: only at the end)"
+    )
+    p.add_argument("--keep", type=int, default=d.keep, help="checkpoints kept")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the newest valid checkpoint in --ckpt"
+    )
+    p.add_argument(
+        "--metrics", default=None, metavar="FILE.jsonl", help="append metrics records here (rank 0)"
+    )
+    p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in total")
+    p.add_argument(
+        "--log-indices",
+        default=None,
+        metavar="FILE",
+        help="debug: write each step's sample indices (JSONL; '.rankN' appended on ranks > 0)",
+    )
+    p.add_argument(
+        "--step-delay",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="debug: sleep after each step (stands in for a slower model)",
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
+    """The validated config for ``argv``; argparse exits with status 2 on malformed flags."""
+    a = build_parser().parse_args(argv)
+    eval_split = None if a.eval_split.lower() in ("", "none") else a.eval_split
+    return TrainConfig(
+        data=a.data,
+        model=a.model,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        train_split=a.train_split,
+        eval_split=eval_split,
+        input=a.input,
+        target=a.target,
+        lr=a.lr,
+        weight_decay=a.weight_decay,
+        seed=a.seed,
+        device=a.device,
+        amp=a.amp,
+        workers=a.workers,
+        cache_bytes=a.cache_bytes,
+        prefetch_bytes=a.prefetch_bytes,
+        storage_options=dict(a.storage_option),
+        ckpt=a.ckpt,
+        ckpt_every=a.ckpt_every,
+        keep=a.keep,
+        resume=a.resume,
+        metrics=a.metrics,
+        log_every=a.log_every,
+        max_steps=a.max_steps,
+        log_indices=a.log_indices,
+        step_delay=a.step_delay,
+    )
