@@ -1,5 +1,7 @@
 """hpstore: out-of-core chunked stores and a streaming loader for training neural networks."""
 
+from typing import TYPE_CHECKING, Any
+
 from hpstore.dataset import Dataset, FieldInfo, Store, open
 from hpstore.errors import (
     CheckpointError,
@@ -15,6 +17,7 @@ from hpstore.errors import (
 
 __all__ = [
     "CheckpointError",
+    "Checkpointer",
     "CorruptObjectError",
     "Dataset",
     "FieldInfo",
@@ -28,3 +31,15 @@ __all__ = [
     "StoreNotFoundError",
     "open",
 ]
+
+if TYPE_CHECKING:
+    from hpstore.checkpoint import Checkpointer
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: it needs torch, which tools that only read or write stores do not.
+    if name == "Checkpointer":
+        from hpstore.checkpoint import Checkpointer
+
+        return Checkpointer
+    raise AttributeError(f"module 'hpstore' has no attribute {name!r}")

@@ -8,13 +8,20 @@ the CPU's CRC instructions.
 from __future__ import annotations
 
 import google_crc32c
+import numpy as np
+
+Buffer = bytes | bytearray | memoryview | np.ndarray
 
 
-def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+def crc32c(data: Buffer, value: int = 0) -> int:
     """CRC32C of ``data``, continuing from ``value`` (0 starts a new checksum)."""
-    return int(google_crc32c.extend(value, bytes(data) if isinstance(data, memoryview) else data))
+    # google-crc32c accepts bytes and numpy arrays but not memoryviews or bytearrays; a uint8 numpy
+    # view of those is zero-copy (``bytes(view)`` would copy a multi-MB chunk just to checksum it).
+    if not isinstance(data, bytes | np.ndarray):
+        data = np.frombuffer(data, dtype=np.uint8)
+    return int(google_crc32c.extend(value, data))
 
 
-def crc32c_hex(data: bytes | bytearray | memoryview) -> str:
+def crc32c_hex(data: Buffer) -> str:
     """The checksum as the manifest records it: eight lowercase hex digits."""
     return f"{crc32c(data):08x}"

@@ -1,0 +1,273 @@
+"""Write-behind checkpoints in Zarr v3 + JSON: no training stall, no pickle, nothing lost.
+
+::
+
+    ck = hpstore.Checkpointer("ckpt/", keep=3)          # or "s3://bucket/run1", "memory://x"
+    ck.save(step, {"model": model.state_dict(), "optim": opt.state_dict(), "rng": ...})
+    ...                                                   # training goes on while it is written
+    ck.wait()                                             # persisted; background errors re-raise
+    state = ck.load()                                     # newest checkpoint that verifies
+
+``save`` flattens the state (``checkpoint_tree``), plans its arrays (``checkpoint_plan``), copies
+every tensor into a reused host staging buffer (``staging``; pinned, non-blocking from GPUs) and
+returns. One background thread per save writes the arrays and commits the manifest
+(``checkpoint_writer``), then applies retention. ``load`` verifies every byte against the manifest
+(``checkpoint_reader``). The layout is described in ``checkpoint_plan``, the format in
+``checkpoint_manifest``.
+
+Contract:
+
+* At most one save in flight. A second ``save`` first waits for the previous one; that wait is
+  reported separately (``SaveStats.wait_s``) from the copy (``snapshot_s``).
+* A failed background write re-raises from ``wait()`` or from the next ``save()`` (which then
+  saves nothing). Whatever failed, earlier committed checkpoints are untouched.
+* Saving a step that is already committed replaces it atomically (the old one stays valid until the
+  new manifest lands).
+* Retention keeps the newest ``keep`` committed checkpoints by step number, never the one just
+  written, never the newest; interrupted saves of older steps are removed with them.
+* ``load()`` without a step tries committed checkpoints newest first and warns
+  (``CheckpointFallbackWarning``) when it had to skip any.
+
+One process writes a checkpoint root at a time (in DDP, rank 0); any number may read it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from hpstore.checkpoint_manifest import MANIFEST_KEY
+from hpstore.checkpoint_plan import array_specs, retention_plan, staging_offsets, step_prefix
+from hpstore.checkpoint_reader import checkpoint_steps, read_checkpoint
+from hpstore.checkpoint_tree import flatten
+from hpstore.checkpoint_writer import prune_generations, write_checkpoint
+from hpstore.errors import CheckpointError, InputError
+from hpstore.staging import StagingBuffer
+from hpstore.storage import Storage, open_storage
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """``load()`` skipped newer checkpoints that did not verify and loaded an older one."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointLayout:
+    """How checkpoints are written and read. Defaults chosen by ``benchmarks/checkpoint.py``."""
+
+    chunk_bytes: int = 8 << 20
+    """Target bytes per Zarr chunk: big enough for sequential disk writes, small enough that a big
+    tensor is written and read by many threads at once."""
+    workers: int = 8
+    """Threads writing (or reading) objects of one checkpoint in parallel."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 4096:
+            raise InputError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
+        if self.workers < 1:
+            raise InputError(f"workers must be at least 1, got {self.workers}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveStats:
+    """One ``save``. ``stall_s`` is all the caller waited (``wait_s + snapshot_s``); ``persist_s`` is
+    the background write, commit and retention (None while in flight)."""
+
+    step: int
+    wait_s: float
+    snapshot_s: float
+    stall_s: float
+    bytes: int
+    arrays: int
+    persist_s: float | None = None
+    objects: int = 0
+    failed: bool = False
+
+    @property
+    def throughput(self) -> float | None:
+        """Persisted bytes per second of ``persist_s``."""
+        return self.bytes / self.persist_s if self.persist_s else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "throughput": self.throughput}
+
+
+class Checkpointer:
+    """Write-behind checkpoints under one root (local directory or fsspec URL)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        keep: int = 3,
+        storage_options: Mapping[str, Any] | None = None,
+        layout: CheckpointLayout | None = None,
+    ) -> None:
+        if type(keep) is not int or keep < 1:
+            raise InputError(f"keep must be an integer of at least 1, got {keep!r}")
+        self.url = url
+        self.keep = keep
+        self.layout = layout or CheckpointLayout()
+        self.storage: Storage = open_storage(url, storage_options)
+        self._staging = StagingBuffer()
+        self._pending: Future[None] | None = None
+        self._stats: list[SaveStats] = []
+        self._lock = threading.Lock()
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self, step: int, state: Any) -> None:
+        """Snapshot ``state`` to host memory and return; a background thread persists it.
+
+        Raises the error of a previous save that failed in the background (this state is then not
+        saved), ``CheckpointError`` for a state holding something that cannot be saved.
+        """
+        t0 = time.perf_counter()
+        if type(step) is not int or step < 0:
+            raise InputError(f"step must be a non-negative integer, got {step!r}")
+        if sys.byteorder != "little":
+            raise CheckpointError("checkpoints are written little-endian; this host is big-endian")
+        self._finish_pending()
+        t1 = time.perf_counter()
+        flat = flatten(state)
+        specs = array_specs(flat.leaves, flat.paths, self.layout.chunk_bytes)
+        sizes = [a.nbytes for a in specs]
+        offsets, _total = staging_offsets(sizes)
+        tree = json.dumps(flat.tree, separators=(",", ":"), allow_nan=False).encode()
+        snap = self._staging.snapshot(flat.leaves, offsets, sizes)
+        t2 = time.perf_counter()
+        record = SaveStats(
+            step=step,
+            wait_s=t1 - t0,
+            snapshot_s=t2 - t1,
+            stall_s=t2 - t0,
+            bytes=sum(sizes),
+            arrays=len(specs),
+        )
+        with self._lock:
+            self._stats.append(record)
+            index = len(self._stats) - 1
+        future: Future[None] = Future()
+
+        def persist() -> None:
+            try:
+                self._persist(step, specs, snap, tree, index)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        self._pending = future
+        # Non-daemon: a script that returns right after save() still gets its checkpoint.
+        threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+
+    def _persist(self, step: int, specs: Any, snap: Any, tree: bytes, index: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            manifest = write_checkpoint(self.storage, step, specs, snap, tree, workers=self.layout.workers)
+        except BaseException as exc:
+            self._record(index, t0, failed=True)
+            raise self._write_error(step, exc) from exc
+        try:
+            prune_generations(self.storage, step, manifest.generation)
+            self._retain(step)
+        except Exception as exc:
+            self._record(index, t0, failed=True, objects=len(manifest.objects))
+            raise CheckpointError(
+                f"{self.storage.url}: step {step} is committed, but removing old checkpoints failed: {exc}"
+            ) from exc
+        self._record(index, t0, objects=len(manifest.objects))
+
+    def _write_error(self, step: int, exc: BaseException) -> BaseException:
+        if isinstance(exc, OSError | CheckpointError):
+            return exc  # already names the object; re-raised as is (StorageError is an OSError)
+        return CheckpointError(f"{self.storage.url}: saving step {step} failed: {type(exc).__name__}: {exc}")
+
+    def _record(self, index: int, t0: float, **changes: Any) -> None:
+        with self._lock:
+            self._stats[index] = replace(self._stats[index], persist_s=time.perf_counter() - t0, **changes)
+
+    def _retain(self, current: int) -> None:
+        committed, incomplete = checkpoint_steps(self.storage)
+        for step in retention_plan(committed, current, self.keep):
+            prefix = step_prefix(step)
+            self.storage.delete_prefix(f"{prefix}/{MANIFEST_KEY}")  # uncommit first, then remove
+            self.storage.delete_prefix(prefix)
+        for step in incomplete:
+            if step < current:  # an interrupted save: nothing will ever reference it
+                self.storage.delete_prefix(step_prefix(step))
+
+    def _finish_pending(self) -> None:
+        future, self._pending = self._pending, None
+        if future is not None:
+            future.result()
+
+    def wait(self) -> None:
+        """Block until every save is persisted; re-raise a background error (once)."""
+        self._finish_pending()
+
+    def close(self) -> None:
+        """``wait()``, then free the staging buffer."""
+        try:
+            self.wait()
+        finally:
+            self._staging.release()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def stats(self) -> list[SaveStats]:
+        """One record per ``save`` call, oldest first (a copy)."""
+        with self._lock:
+            return list(self._stats)
+
+    # -- finding and loading ------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Committed checkpoints' steps, ascending (incomplete ones are not listed)."""
+        return checkpoint_steps(self.storage)[0]
+
+    def latest(self) -> int | None:
+        """The newest committed step, or None when there is none."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def load(self, step: int | None = None, map_location: Any = None) -> Any:
+        """The saved state, verified byte for byte; tensors on CPU or on ``map_location``.
+
+        ``step=None`` loads the newest committed checkpoint that verifies, warning
+        (``CheckpointFallbackWarning``) about newer ones it skipped.
+        """
+        if step is not None:
+            return read_checkpoint(self.storage, step, workers=self.layout.workers, map_location=map_location)
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"{self.storage.url}: no committed checkpoint")
+        skipped: list[str] = []
+        for candidate in reversed(steps):
+            try:
+                state = read_checkpoint(
+                    self.storage, candidate, workers=self.layout.workers, map_location=map_location
+                )
+            except CheckpointError as exc:
+                skipped.append(f"step {candidate}: {exc}")
+                continue
+            if skipped:
+                message = f"loaded checkpoint step {candidate}; skipped newer ones: " + "; ".join(skipped)
+                log.warning(message)
+                warnings.warn(message, CheckpointFallbackWarning, stacklevel=2)
+            return state
+        raise CheckpointError(f"{self.storage.url}: no checkpoint verifies: " + "; ".join(skipped))

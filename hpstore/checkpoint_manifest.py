@@ -1,0 +1,211 @@
+"""The documents of one checkpoint: its manifest (what is committed) and its Zarr metadata.
+
+``manifest.json`` is written last, in one atomic write; a checkpoint without it does not exist.
+It lists every array (state path, dtype, shape, chunking) and every object under the checkpoint's
+prefix with its size and CRC32C, so a loader can verify each byte it reads and name the array a
+bad byte belongs to. Everything read from it is validated here before anything is allocated.
+
+Each array's ``zarr.json`` is the plain Zarr v3 metadata of an unsharded array with the ``bytes``
+codec (little endian), so ``zarr.open_array`` reads every saved tensor. Zarr v3 has no core type
+for bfloat16 or the float8 types: those arrays hold the raw bits as the unsigned integer of the same
+width and name the torch dtype in ``attributes["hpstore"]["dtype"]``;
+``torch.from_numpy(z[...]).view(torch.bfloat16)`` restores them outside hpstore.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from hpstore.checkpoint_plan import (
+    ZARR_CORE_DTYPES,
+    ArraySpec,
+    is_contiguous_chunking,
+)
+from hpstore.checkpoint_tree import TORCH_DTYPES
+from hpstore.errors import CheckpointError, InputError
+from hpstore.manifest import ObjectEntry
+from hpstore.storage import check_key
+
+FORMAT_NAME = "hpstore-checkpoint"
+FORMAT_VERSION = 1
+MANIFEST_KEY = "manifest.json"
+TREE_KEY = "tree.json"
+GROUP_KEY = "zarr.json"
+
+_HEX8 = re.compile(r"^[0-9a-f]{8}$")
+_GEN = re.compile(r"^data-[0-9a-f]{8,32}$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointManifest:
+    """``objects`` keys are relative to the checkpoint's prefix; the arrays and ``tree.json`` live
+    under ``generation/``, a fresh name per save, so saving a step again never overwrites the
+    objects its committed manifest points to."""
+
+    step: int
+    generation: str
+    arrays: tuple[ArraySpec, ...]
+    objects: dict[str, ObjectEntry]
+
+    def array_object(self, a: ArraySpec, name: str) -> str:
+        return f"{self.generation}/{a.key}/{name}"
+
+    @property
+    def tree_key(self) -> str:
+        return f"{self.generation}/{TREE_KEY}"
+
+    def owner(self, key: str) -> str:
+        """What an object key belongs to, for error messages: ``array 'model/fc.weight'``."""
+        for a in self.arrays:
+            if key.startswith(f"{self.generation}/{a.key}/"):
+                return f"array {a.name!r}"
+        return "the state tree" if key == self.tree_key else "the checkpoint's group metadata"
+
+    @property
+    def nbytes(self) -> int:
+        return sum(o.size for o in self.objects.values())
+
+    def to_json(self) -> str:
+        doc = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "step": self.step,
+            "generation": self.generation,
+            "arrays": [
+                {
+                    "name": a.name,
+                    "key": a.key,
+                    "kind": a.kind,
+                    "dtype": a.dtype,
+                    "shape": list(a.shape),
+                    "chunk_shape": list(a.chunk_shape),
+                }
+                for a in self.arrays
+            ],
+            "objects": {k: {"size": o.size, "crc32c": o.crc32c} for k, o in self.objects.items()},
+        }
+        return json.dumps(doc, indent=0)
+
+    @classmethod
+    def from_json(cls, text: bytes, *, where: str) -> CheckpointManifest:
+        try:
+            doc = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{where}: not valid JSON ({exc})") from None
+        try:
+            return _from_doc(doc, where)
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, CheckpointError):
+                raise
+            raise CheckpointError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
+
+
+def _from_doc(doc: Any, where: str) -> CheckpointManifest:
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{where}: not an hpstore checkpoint manifest")
+    if doc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{where}: unsupported checkpoint format version {doc.get('version')!r}")
+    step = _int(doc["step"], "step", where)
+    gen = doc["generation"]
+    if not isinstance(gen, str) or not _GEN.match(gen):
+        raise CheckpointError(f"{where}: bad generation {gen!r}")
+    objects = {_safe(k, where): _entry(v, k, where) for k, v in dict(doc["objects"]).items()}
+    arrays = tuple(_array(i, a, where) for i, a in enumerate(doc["arrays"]))
+    if len({a.key for a in arrays}) != len(arrays):
+        raise CheckpointError(f"{where}: two arrays share one key")
+    for key in (f"{gen}/{TREE_KEY}", GROUP_KEY):
+        if key not in objects:
+            raise CheckpointError(f"{where}: {key} is not listed")
+    for a in arrays:
+        listed = {f"{gen}/{a.key}/zarr.json": None} | {f"{gen}/{a.key}/{c.key}": c.stored for c in a.chunks}
+        for key, stored in listed.items():
+            if key not in objects:
+                raise CheckpointError(f"{where}: array {a.name!r}: {key} is not listed")
+            if stored is not None and objects[key].size != stored:
+                raise CheckpointError(
+                    f"{where}: array {a.name!r}: {key} listed as {objects[key].size} bytes, "
+                    f"its chunk holds {stored}"
+                )
+    return CheckpointManifest(step=step, generation=gen, arrays=arrays, objects=objects)
+
+
+def _array(index: int, d: dict[str, Any], where: str) -> ArraySpec:
+    name, key, kind, dtype = (str(d[f]) for f in ("name", "key", "kind", "dtype"))
+    if "/" in key:
+        raise CheckpointError(f"{where}: array key {key!r} has a '/'")
+    _safe(key, where)
+    if kind == "tensor" and dtype in TORCH_DTYPES:
+        itemsize = TORCH_DTYPES[dtype].itemsize
+    elif kind == "ndarray" and dtype in ZARR_CORE_DTYPES:
+        import numpy as np
+
+        itemsize = np.dtype(dtype).itemsize
+    else:
+        raise CheckpointError(f"{where}: array {name!r}: unsupported {kind} dtype {dtype!r}")
+    shape = tuple(_int(x, "shape", where) for x in d["shape"])
+    chunks = tuple(_int(x, "chunk_shape", where) for x in d["chunk_shape"])
+    if not is_contiguous_chunking(shape, chunks):
+        raise CheckpointError(f"{where}: array {name!r}: chunk shape {chunks} does not fit shape {shape}")
+    return ArraySpec(
+        index=index, name=name, key=key, kind=kind, dtype=dtype, itemsize=itemsize, shape=shape,
+        chunk_shape=chunks,
+    )  # fmt: skip
+
+
+def _entry(v: Any, key: str, where: str) -> ObjectEntry:
+    size, crc = v["size"], v["crc32c"]
+    if type(size) is not int or size < 0 or not isinstance(crc, str) or not _HEX8.match(crc):
+        raise CheckpointError(f"{where}: bad entry for {key}: {v!r}")
+    return ObjectEntry(size=size, crc32c=crc)
+
+
+def _int(x: Any, what: str, where: str) -> int:
+    if type(x) is not int or x < 0:
+        raise CheckpointError(f"{where}: {what} must hold non-negative integers, found {x!r}")
+    return x
+
+
+def _safe(key: str, where: str) -> str:
+    try:
+        return check_key(key)
+    except InputError as exc:
+        raise CheckpointError(f"{where}: {exc}") from None
+
+
+def array_json(a: ArraySpec) -> bytes:
+    """The ``zarr.json`` of one saved array: unsharded, ``bytes`` codec, no compression."""
+    zdt = a.zarr_dtype
+    fill: Any = (
+        False
+        if zdt == "bool"
+        else [0.0, 0.0]
+        if zdt.startswith("complex")
+        else 0.0
+        if zdt.startswith("float")
+        else 0
+    )
+    codec: dict[str, Any] = {"name": "bytes"}
+    if a.itemsize > 1:
+        codec["configuration"] = {"endian": "little"}
+    doc = {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(a.shape),
+        "data_type": zdt,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(a.chunk_shape)}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "fill_value": fill,
+        "codecs": [codec],
+        "attributes": {"hpstore": {"name": a.name, "kind": a.kind, "dtype": a.dtype}},
+    }
+    return json.dumps(doc).encode()
+
+
+def group_json(step: int) -> bytes:
+    """Group metadata of the checkpoint's prefix and of its generation (identical on purpose:
+    rewriting the prefix's copy on a second save of the same step changes no byte)."""
+    attrs = {"hpstore": {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step}}
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()

@@ -1,0 +1,129 @@
+"""Reading one checkpoint: trust only its manifest, verify every byte, build only known types.
+
+The manifest is validated before anything is allocated; one listing checks that every object it
+names is present with its recorded size; every chunk read is checked against its CRC32C before
+its bytes are copied into the output tensor. Any failure raises ``CheckpointError`` naming the
+array (or the tree) it belongs to. Nothing here unpickles: tensors are rebuilt from raw bytes and
+the rest from the tagged JSON tree (``hpstore.checkpoint_tree``).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpstore.checkpoint_manifest import MANIFEST_KEY, CheckpointManifest
+from hpstore.checkpoint_plan import ArraySpec, ChunkSpec, parse_step, step_prefix
+from hpstore.checkpoint_tree import TORCH_DTYPES, Leaf, unflatten
+from hpstore.checksum import crc32c_hex
+from hpstore.errors import CheckpointError, HpstoreError
+from hpstore.storage import Storage
+from hpstore.threads import run_parallel
+
+
+def checkpoint_steps(storage: Storage) -> tuple[list[int], list[int]]:
+    """``(committed, incomplete)`` steps under a checkpoint root, ascending. Committed = has a
+    manifest; incomplete = objects but no manifest (an interrupted save)."""
+    committed: set[int] = set()
+    seen: set[int] = set()
+    for key in storage.list():
+        head, _, rest = key.partition("/")
+        step = parse_step(head)
+        if step is None:
+            continue
+        seen.add(step)
+        if rest == MANIFEST_KEY:
+            committed.add(step)
+    return sorted(committed), sorted(seen - committed)
+
+
+def read_manifest(storage: Storage, step: int) -> CheckpointManifest:
+    st = storage.child(step_prefix(step))
+    where = f"{st.url}/{MANIFEST_KEY}"
+    try:
+        text = st.read(MANIFEST_KEY)
+    except HpstoreError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CheckpointError(f"{st.url}: no committed checkpoint for step {step}") from None
+        raise CheckpointError(f"{where}: cannot read: {exc}") from None
+    manifest = CheckpointManifest.from_json(text, where=where)
+    if manifest.step != step:
+        raise CheckpointError(f"{where}: manifest says step {manifest.step}, its prefix step {step}")
+    return manifest
+
+
+def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: Any = None) -> Any:
+    """The state saved as ``step``, verified; tensors on ``map_location`` (default: CPU)."""
+    manifest = read_manifest(storage, step)
+    st = storage.child(step_prefix(step))
+    _check_listing(st, manifest)
+    tree = _read_tree(st, manifest)
+    outputs = [_empty(a) for a in manifest.arrays]
+    jobs = [(a, c) for a in manifest.arrays for c in a.chunks]
+    jobs.sort(key=lambda j: -j[1].stored)
+
+    def fetch(job: tuple[ArraySpec, ChunkSpec]) -> None:
+        a, c = job
+        key = manifest.array_object(a, c.key)
+        data = _read_verified(st, manifest, key)
+        _byte_view(outputs[a.index])[c.offset : c.offset + c.nbytes] = np.frombuffer(
+            data, dtype=np.uint8, count=c.nbytes
+        )
+
+    run_parallel(fetch, jobs, workers, name="hpstore-ckpt-read")
+    if map_location is not None:
+        outputs = [t.to(map_location) if isinstance(t, torch.Tensor) else t for t in outputs]
+    return unflatten(tree, outputs, where=f"{st.url}/{manifest.tree_key}")
+
+
+def _check_listing(st: Storage, manifest: CheckpointManifest) -> None:
+    try:
+        listing = st.list()
+    except HpstoreError as exc:
+        raise CheckpointError(f"{st.url}: cannot list: {exc}") from None
+    for key, entry in manifest.objects.items():
+        if key not in listing:
+            raise CheckpointError(f"{st.url}: {manifest.owner(key)}: {key} is missing")
+        if listing[key] != entry.size:
+            raise CheckpointError(
+                f"{st.url}: {manifest.owner(key)}: {key} has {listing[key]} bytes, manifest says {entry.size}"
+            )
+
+
+def _read_verified(st: Storage, manifest: CheckpointManifest, key: str) -> bytes:
+    entry = manifest.objects[key]
+    try:
+        data = st.read(key)
+    except HpstoreError as exc:
+        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}") from None
+    if len(data) != entry.size:
+        raise CheckpointError(
+            f"{st.url}: {manifest.owner(key)}: {key} has {len(data)} bytes, manifest says {entry.size}"
+        )
+    if crc32c_hex(data) != entry.crc32c:
+        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: checksum mismatch in {key}")
+    return data
+
+
+def _read_tree(st: Storage, manifest: CheckpointManifest) -> Any:
+    raw = _read_verified(st, manifest, manifest.tree_key)
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{st.url}/{manifest.tree_key}: not valid JSON ({exc})") from None
+
+
+def _empty(a: ArraySpec) -> Leaf:
+    if a.kind == "tensor":
+        return torch.empty(a.shape, dtype=TORCH_DTYPES[a.dtype])
+    return np.empty(a.shape, dtype=np.dtype(a.dtype).newbyteorder("<"))
+
+
+def _byte_view(leaf: Leaf) -> np.ndarray:
+    """The leaf's memory as a flat writable uint8 array (tensors of any dtype, incl. bfloat16)."""
+    if isinstance(leaf, torch.Tensor):
+        return leaf.reshape(-1).view(torch.uint8).numpy()
+    return leaf.reshape(-1).view(np.uint8)
