@@ -1,0 +1,328 @@
+"""``python -m tools.ingest SRC DST [options]``: convert a dataset into an hpstore store.
+
+SRC is a file or directory (``.npy``, ``.npz``, IDX / the MNIST directory layout, Parquet, CSV,
+JSONL, Arrow/Feather, an ImageFolder tree; see ``tools.sources``), or is left out when the fields
+come from ``--field NAME=PATH`` files (a SRC given with ``--field`` is the directory that relative
+field paths are under). DST is a local path or an fsspec URL (``s3://bucket/prefix``,
+``memory://...``).
+
+Flow: open and check every source (headers, counts, schemas) -> open the destination -> stream
+batches into ``hpstore.writer.StoreWriter`` (parallel encoding, bounded writers) -> commit the
+manifest last. Any error before the commit abandons the new generation: DST keeps exactly what it
+had (nothing, or the previous store, which stays readable until the new manifest replaces it).
+
+Exit status: 0 done; 2 bad input (source, options, an existing store without ``--overwrite``);
+1 an I/O failure; 130 interrupted. Errors are one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tqdm import tqdm
+
+from hpstore import zarr_format as zf
+from hpstore.errors import HpstoreError, InputError, StorageError
+from hpstore.manifest import MANIFEST_KEY, Manifest
+from hpstore.storage import is_local, open_storage
+from hpstore.writer import Layout, StoreWriter
+from tools.sources import FORMATS, Split, open_splits
+from tools.sources.base import batch_nbytes, check_field_name
+
+DEFAULT_LAYOUT = Layout()
+CODECS = ("zstd", "lz4", "none")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    """Everything one ingest run needs; built by ``parse_args``, validated here."""
+
+    src: str | None
+    dst: str
+    format: str | None = None
+    split: str | None = None
+    fields: tuple[tuple[str, str], ...] = ()
+    overwrite: bool = False
+    chunk_bytes: int = DEFAULT_LAYOUT.chunk_bytes
+    shard_bytes: int = DEFAULT_LAYOUT.shard_bytes
+    codec: str = str(DEFAULT_LAYOUT.codec["name"])
+    level: int | None = None
+    workers: int = DEFAULT_LAYOUT.workers
+    storage_options: tuple[tuple[str, Any], ...] = ()
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in FORMATS:
+            raise InputError(f"unknown format {self.format!r} (choose from {', '.join(FORMATS)})")
+        if self.split is not None:
+            check_field_name(self.split, "--split", what="split")
+        for name, _ in self.fields:
+            check_field_name(name, "--field", what="field")
+        if self.src is None and not self.fields:
+            raise InputError("no source: give SRC DST, or DST with --field NAME=PATH")
+        self.layout()  # validates sizes, codec and level now, before any source is opened
+
+    def layout(self) -> Layout:
+        if self.codec == DEFAULT_LAYOUT.codec["name"] and self.level is None:
+            codec = dict(DEFAULT_LAYOUT.codec)
+        elif self.level is not None and self.codec != "none":
+            codec = zf.validate_codec({"name": self.codec, "level": self.level})
+        else:
+            codec = zf.validate_codec({"name": self.codec})
+        return Layout(
+            chunk_bytes=self.chunk_bytes,
+            shard_bytes=self.shard_bytes,
+            codec=codec,
+            workers=self.workers,
+            writers=DEFAULT_LAYOUT.writers,
+        )
+
+    def source_record(self, splits: Sequence[Split]) -> dict[str, Any]:
+        """What the manifest's ``source`` records: where the data came from and how it was cut.
+        Storage options are left out: they may hold credentials."""
+        layout = self.layout()
+        return {
+            "tool": "tools.ingest",
+            "path": os.path.abspath(self.src) if self.src is not None else None,
+            "format": {s.name: s.format for s in splits},
+            "fields": {name: os.path.abspath(os.path.join(self.src or "", p)) for name, p in self.fields},
+            "options": {
+                "split": self.split,
+                "chunk_bytes": layout.chunk_bytes,
+                "shard_bytes": layout.shard_bytes,
+                "codec": layout.codec,
+                "workers": layout.workers,
+                "overwrite": self.overwrite,
+            },
+        }
+
+
+def parse_size(text: str) -> int:
+    """``"1048576"``, ``"1MiB"``, ``"4M"``, ``"64MB"`` -> bytes (K/M/G/T are powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 1MiB, 64M)")
+    power = " kmgt".index(m.group(2).lower() or " ")
+    return int(float(m.group(1)) * 1024**power)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return key, value
+
+
+def _option_value(text: str) -> Any:
+    """Storage option values: JSON where they parse (``true``, ``3``, ``{...}``), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m tools.ingest",
+        description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
+        "into an hpstore store.",
+    )
+    p.add_argument("paths", nargs="+", metavar="SRC DST", help="source path and destination (path or URL)")
+    p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
+    p.add_argument("--split", help="split name for a single source (default: train)")
+    p.add_argument(
+        "--field", action="append", type=_pair, default=[], metavar="NAME=PATH", help="a field from a file"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument("--chunk-bytes", type=parse_size, default=DEFAULT_LAYOUT.chunk_bytes)
+    p.add_argument("--shard-bytes", type=parse_size, default=DEFAULT_LAYOUT.shard_bytes)
+    p.add_argument("--codec", choices=CODECS, default=DEFAULT_LAYOUT.codec["name"])
+    p.add_argument("--level", type=int, help="codec level (zstd -7..22, lz4 0..9)")
+    p.add_argument("--workers", type=int, default=DEFAULT_LAYOUT.workers, help="parallel encoders")
+    p.add_argument(
+        "--storage-option",
+        action="append",
+        type=_pair,
+        default=[],
+        metavar="K=V",
+        help="fsspec option for DST",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> IngestConfig:
+    p = build_parser()
+    a = p.parse_args(argv)
+    if len(a.paths) > 2 or (len(a.paths) == 1 and not a.field):
+        p.error("expected SRC DST (or DST alone with --field NAME=PATH)")
+    src, dst = (None, a.paths[0]) if len(a.paths) == 1 else (a.paths[0], a.paths[1])
+    return IngestConfig(
+        src=src,
+        dst=dst,
+        format=a.format,
+        split=a.split,
+        fields=tuple(a.field),
+        overwrite=a.overwrite,
+        chunk_bytes=a.chunk_bytes,
+        shard_bytes=a.shard_bytes,
+        codec=a.codec,
+        level=a.level,
+        workers=a.workers,
+        storage_options=tuple((k, _option_value(v)) for k, v in a.storage_option),
+        progress=not a.no_progress,
+    )
+
+
+class _Progress:
+    """A tqdm bar over samples with the source MB/s alongside; off when stderr is not a terminal."""
+
+    def __init__(self, total: int | None, enabled: bool, stream: TextIO) -> None:
+        self.bar = tqdm(
+            total=total,
+            unit=" samples",
+            unit_scale=True,
+            file=stream,
+            disable=not (enabled and stream.isatty()),
+            dynamic_ncols=True,
+        )
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.nbytes = 0
+
+    def update(self, samples: int, nbytes: int) -> None:
+        self.samples += samples
+        self.nbytes += nbytes
+        rate = self.nbytes / 1e6 / max(1e-9, time.perf_counter() - self.t0)
+        self.bar.set_postfix_str(f"{rate:.0f} MB/s", refresh=False)
+        self.bar.update(samples)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestResult:
+    manifest: Manifest
+    samples: int
+    bytes_in: int
+    bytes_out: int
+    seconds: float
+
+    def summary(self, dst: str) -> str:
+        splits = self.manifest.splits
+        fields = sorted({f for s in splits.values() for f in s.fields})
+        ratio = self.bytes_in / self.bytes_out if self.bytes_out else 0.0
+        return (
+            f"ingest: {self.samples} samples, {len(splits)} split(s) ({', '.join(splits)}), "
+            f"{len(fields)} field(s) ({', '.join(fields)}), {self.bytes_in / 1e6:.1f} MB in, "
+            f"{self.bytes_out / 1e6:.1f} MB out ({ratio:.2f}x), {self.seconds:.2f} s, "
+            f"{self.bytes_in / 1e6 / max(self.seconds, 1e-9):.0f} MB/s -> {dst}"
+        )
+
+
+def _check_destination(dst: str) -> None:
+    """A local DST must be new, empty, or a store (with leftovers of killed ingests): committing
+    deletes other ``data-*`` generations, so a directory of unrelated files is refused."""
+    if not is_local(dst):
+        return
+    path = dst.removeprefix("file://")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{dst}: exists and is not a directory")
+    if not os.path.isdir(path):
+        return
+    names = os.listdir(path)
+    if MANIFEST_KEY in names:
+        return
+    foreign = sorted(n for n in names if not n.startswith(("data-", f"{MANIFEST_KEY}.tmp")))
+    if foreign:
+        raise InputError(
+            f"{dst}: is a non-empty directory that is not a store (holds {', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory"
+        )
+
+
+def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
+    """Run one ingest. Raises ``HpstoreError`` / ``OSError``; DST is unchanged unless it returns."""
+    t0 = time.perf_counter()
+    splits = open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields)
+    _check_destination(cfg.dst)
+    storage = open_storage(cfg.dst, dict(cfg.storage_options))
+    known = [s.source.num_rows for s in splits]
+    total = None if None in known else sum(n for n in known if n is not None)
+    progress = _Progress(total, cfg.progress, stream)
+    try:
+        with StoreWriter(
+            storage, layout=cfg.layout(), overwrite=cfg.overwrite, source=cfg.source_record(splits)
+        ) as writer:
+            for split in splits:
+                progress.bar.set_description(split.name)
+                sw = writer.split(split.name, attrs=split.source.attrs)
+                for batch in split.source.batches():
+                    sw.append(batch)
+                    progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
+                writer.add_split(sw)
+            manifest = writer.commit()
+    finally:
+        progress.close()
+    return IngestResult(
+        manifest=manifest,
+        samples=progress.samples,
+        bytes_in=progress.nbytes,
+        bytes_out=sum(o.size for o in manifest.objects.values()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _remove_empty_dirs(path: str) -> None:
+    """Remove ``path`` and empty directories below it, never a file (what a failed run created)."""
+    for dirpath, _dirs, _files in os.walk(path, topdown=False):
+        try:
+            os.rmdir(dirpath)
+        except OSError:
+            pass
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and not isinstance(exc, HpstoreError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = str(exc).strip() or type(exc).__name__
+    return " ".join(text.split())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+    except HpstoreError as exc:
+        print(f"ingest: error: {_message(exc)}", file=sys.stderr)
+        return 2
+    local_dst = cfg.dst.removeprefix("file://") if is_local(cfg.dst) else None
+    created = local_dst is not None and not os.path.exists(local_dst)
+    try:
+        result = ingest(cfg)
+    except KeyboardInterrupt:
+        print("ingest: interrupted; nothing was committed", file=sys.stderr)
+        code = 130
+    except (HpstoreError, OSError) as exc:
+        print(f"ingest: error: {_message(exc)}", file=sys.stderr)
+        code = 1 if isinstance(exc, StorageError) or not isinstance(exc, HpstoreError) else 2
+    else:
+        print(result.summary(cfg.dst))
+        return 0
+    if created and local_dst is not None:
+        _remove_empty_dirs(local_dst)
+    return code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
