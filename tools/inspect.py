@@ -28,10 +28,14 @@ EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
 
 
+class _UsageError(Exception):
+    pass
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other bad-input error of this tool (no usage block).
-        self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {message} (see --help)\n")
+        raise _UsageError(f"{message} (see --help)")
 
 
 def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
@@ -224,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--storage-option", action="append", default=[], metavar="K=V", help="fsspec option (repeatable)"
     )
     p.add_argument("--json", action="store_true", help="print the summary (and verify report) as JSON")
-    a = p.parse_args(argv)
+    try:
+        a = p.parse_args(argv)
+    except _UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
         if is_local(a.store) and os.path.isfile(a.store.removeprefix("file://")):
             raise InputError(f"{a.store}: not a store (a file; a store is a directory with a manifest.json)")
