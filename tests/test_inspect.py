@@ -229,3 +229,39 @@ def test_storage_options_parse_json_values() -> None:
     }
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_storage_options(["=x"])
+
+
+def test_progress_bar_only_on_a_terminal() -> None:
+    """--verify draws a progress bar on a terminal's stderr (a real pseudo-terminal here)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    golden = REPO / "tests" / "data" / "format-v1" / "zstd"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tools.inspect", str(golden), "--verify"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=secondary,
+            timeout=120,
+        )
+    finally:
+        os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal is closed once everything was read
+            break
+        if not data:
+            break
+        drawn += data
+    os.close(primary)
+    assert proc.returncode == 0
+    assert b"verify: 100%" in drawn and b"B/s" in drawn
