@@ -36,6 +36,7 @@ from hpstore.storage import is_local, open_storage
 from hpstore.writer import Layout, StoreWriter
 from tools.sources import FORMATS, Split, open_splits
 from tools.sources.base import batch_nbytes, check_field_name
+from tools.sources.prefetch import prefetched
 
 DEFAULT_LAYOUT = Layout()
 CODECS = ("zstd", "lz4", "none")
@@ -268,7 +269,7 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
             for split in splits:
                 progress.bar.set_description(split.name)
                 sw = writer.split(split.name, attrs=split.source.attrs)
-                for batch in split.source.batches():
+                for batch in prefetched(split.source.batches()):
                     sw.append(batch)
                     progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
                 writer.add_split(sw)
