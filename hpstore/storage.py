@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hpstore.errors import InputError, ObjectNotFoundError, StorageError
+from hpstore.failures import Redactor, TransientStorageError, classify, safe_url
 
 Range = tuple[str, int, int]
 """``(key, start, end)``: bytes ``[start, end)`` of object ``key``."""
@@ -29,7 +30,9 @@ Range = tuple[str, int, int]
 
 @dataclass
 class StorageStats:
-    """Counters of one storage stack. Reads and writes are counted where bytes move."""
+    """Counters of one storage stack. Reads and writes are counted where bytes move (successful
+    requests only); ``errors`` counts failed requests, ``retries`` the requests repeated after a
+    transient failure, ``failures`` the operations given up after the retry bound."""
 
     bytes_read: int = 0
     read_requests: int = 0
@@ -37,6 +40,8 @@ class StorageStats:
     write_requests: int = 0
     retries: int = 0
     failures: int = 0
+    errors: int = 0
+    retry_wait_seconds: float = 0.0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -77,6 +82,17 @@ class Storage(ABC):
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         """Many ranges, in order. Backends override this to keep many requests in flight."""
         return [self.read_range(k, s, e) for k, s, e in ranges]
+
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
+        """Like ``read_ranges``, but a range that fails gives its exception in its place while the
+        others still arrive, so a retry can repeat just the failed requests."""
+        out: list[bytes | BaseException] = []
+        for k, s, e in ranges:
+            try:
+                out.append(self.read_range(k, s, e))
+            except Exception as exc:
+                out.append(exc)
+        return out
 
     @abstractmethod
     def write(self, key: str, data: bytes | memoryview) -> None:
@@ -203,32 +219,52 @@ class FsspecStorage(Storage):
 
     ``read_ranges`` uses ``cat_ranges``, which async file systems (s3fs) run concurrently, so many
     byte-range requests are in flight at once and per-request latency is hidden.
+
+    Every backend exception is translated at this boundary (``hpstore.failures.classify``) into
+    ``ObjectNotFoundError``, a permanent ``StorageError`` or a ``TransientStorageError``, with secrets
+    scrubbed from the message. Retrying is *not* done here: ``RetryingStorage`` does it, once, with
+    jittered backoff, and counts it. For S3 the client's own retry loops (botocore's and s3fs's) are
+    therefore switched off unless the caller configures them: stacked retry loops multiply
+    (5 x 5 x 6 attempts) and hide what happened from the counters.
     """
+
+    part_bytes = 16 << 20
+    """S3 multipart part size: objects of at least twice this go up as parallel parts."""
+    max_in_flight = 64
+    """S3 connection pool size: the most requests one storage keeps in flight."""
 
     def __init__(self, url: str, storage_options: Mapping[str, Any] | None = None) -> None:
         import fsspec
 
+        opts = dict(storage_options or {})
+        self._redact = Redactor(opts)
+        self.url = safe_url(url.rstrip("/"))
+        self.is_s3 = url.split("://", 1)[0] in ("s3", "s3a")
+        if self.is_s3:
+            opts = s3_options(opts, self.max_in_flight)
         try:
-            fs, root = fsspec.core.url_to_fs(url, **dict(storage_options or {}))
-        except (ImportError, ValueError) as exc:
-            raise InputError(f"{url}: cannot open this URL: {exc}") from exc
+            fs, root = fsspec.core.url_to_fs(url, **opts)
+        except (ImportError, ValueError, TypeError) as exc:
+            raise InputError(f"{self.url}: cannot open this URL: {self._redact(str(exc))}") from None
+        if self.is_s3:
+            fs.retries = 1  # a private instance (skip_instance_cache): one attempt per request
         self.fs = fs
         self.root = root.rstrip("/")
-        self.url = url.rstrip("/")
         self.stats = StorageStats()
 
     def _path(self, key: str) -> str:
         return f"{self.root}/{check_key(key)}"
 
-    def _missing(self, key: str) -> ObjectNotFoundError:
-        return ObjectNotFoundError(f"{self.url}/{key}: no such object")
+    def _fail(self, exc: BaseException, key: str = "") -> OSError:
+        self.stats.add(errors=1)
+        return classify(exc, f"{self.url}/{key}" if key else self.url, self._redact)
 
     def read(self, key: str) -> bytes:
         t0 = time.perf_counter()
         try:
             data = self.fs.cat_file(self._path(key))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        except Exception as exc:
+            raise self._fail(exc, key) from None
         self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
         return bytes(data)
 
@@ -236,52 +272,67 @@ class FsspecStorage(Storage):
         return self.read_ranges([(key, start, end)])[0]
 
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
+        return raise_first(self.read_ranges_each(ranges))
+
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
         if not ranges:
             return []
         t0 = time.perf_counter()
         paths = [self._path(k) for k, _, _ in ranges]
+        wanted = [i for i, (_, s, e) in enumerate(ranges) if e > s]  # S3 rejects empty ranges
         try:
-            out = self.fs.cat_ranges(
-                paths, [s for _, s, _ in ranges], [e for _, _, e in ranges], on_error="raise"
+            got = self.fs.cat_ranges(
+                [paths[i] for i in wanted],
+                [ranges[i][1] for i in wanted],
+                [ranges[i][2] for i in wanted],
+                on_error="return",
             )
-        except FileNotFoundError as exc:
-            raise ObjectNotFoundError(f"{self.url}: missing object: {exc}") from None
-        results: list[bytes] = []
-        for (key, start, end), data in zip(ranges, out, strict=True):
+        except Exception as exc:
+            err = self._fail(exc)
+            return [err] * len(ranges)
+        results: list[bytes | BaseException] = [b""] * len(ranges)
+        nbytes = ok = 0
+        for i, data in zip(wanted, got, strict=True):
+            key, start, end = ranges[i]
             if isinstance(data, BaseException):
-                raise StorageError(f"{self.url}/{key}: {data}") from data
-            if len(data) != end - start:
-                raise StorageError(
+                results[i] = self._fail(data, key)
+            elif len(data) != end - start:
+                # A body cut short (or an object smaller than the manifest says): never returned.
+                self.stats.add(errors=1)
+                results[i] = TransientStorageError(
                     f"{self.url}/{key}: short read ({len(data)} of {end - start} bytes at {start})"
                 )
-            results.append(bytes(data))
-        self.stats.add(
-            bytes_read=sum(len(d) for d in results),
-            read_requests=len(results),
-            read_seconds=time.perf_counter() - t0,
-        )
+            else:
+                results[i] = bytes(data)
+                nbytes += len(data)
+                ok += 1
+        self.stats.add(bytes_read=nbytes, read_requests=ok, read_seconds=time.perf_counter() - t0)
         return results
 
     def write(self, key: str, data: bytes | memoryview) -> None:
-        # A single PUT (or a multipart upload completed in one call) is atomic on object stores.
+        # A single PUT, or a multipart upload completed by one final request, is atomic on object
+        # stores: readers see the old object or the new one. s3fs uploads the parts concurrently.
         t0 = time.perf_counter()
         path = self._path(key)
-        parent = path.rsplit("/", 1)[0]
+        payload = bytes(data)
         try:
-            if not getattr(self.fs, "async_impl", False):
-                self.fs.makedirs(parent, exist_ok=True)
-            self.fs.pipe_file(path, bytes(data))
-        except OSError as exc:
-            raise StorageError(f"{self.url}/{key}: cannot write: {exc}") from exc
-        self.stats.add(bytes_written=len(data), write_requests=1, write_seconds=time.perf_counter() - t0)
+            if self.is_s3:
+                self.fs.pipe_file(path, payload, chunksize=self.part_bytes, max_concurrency=8)
+            else:
+                if not getattr(self.fs, "async_impl", False):
+                    self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+                self.fs.pipe_file(path, payload)
+        except Exception as exc:
+            raise self._fail(exc, key) from None
+        self.stats.add(bytes_written=len(payload), write_requests=1, write_seconds=time.perf_counter() - t0)
 
     def size(self, key: str) -> int:
         try:
             info = self.fs.info(self._path(key))
-        except FileNotFoundError:
-            raise self._missing(key) from None
+        except Exception as exc:
+            raise self._fail(exc, key) from None
         if info.get("type") == "directory":
-            raise self._missing(key)
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object")
         return int(info["size"])
 
     def list(self, prefix: str = "") -> dict[str, int]:
@@ -289,14 +340,26 @@ class FsspecStorage(Storage):
         try:
             found = self.fs.find(base, detail=True)
         except FileNotFoundError:
-            return {}
+            found = {}
+        except Exception as exc:
+            raise self._fail(exc, prefix) from None
+        if not found and self.is_s3:
+            self._check_bucket()  # s3fs lists a missing bucket as empty; say so instead
+        root = self.root.lstrip("/")
         out: dict[str, int] = {}
-        strip = len(self.root) + 1
         for path, info in found.items():
-            if info.get("type") == "directory":
+            rel = path.lstrip("/")[len(root) + 1 :] if root else path.lstrip("/")
+            if info.get("type") == "directory" or not rel or rel.endswith("/"):
                 continue
-            out[path.lstrip("/")[strip - 1 :] if path.startswith("/") else path[strip:]] = int(info["size"])
+            out[rel] = int(info["size"])
         return out
+
+    def _check_bucket(self) -> None:
+        bucket = self.root.lstrip("/").split("/", 1)[0]
+        try:
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+        except Exception as exc:
+            raise self._fail(exc) from None
 
     def delete_prefix(self, prefix: str) -> None:
         path = self._path(prefix)
@@ -304,7 +367,32 @@ class FsspecStorage(Storage):
             self.fs.rm(path, recursive=True)
         except FileNotFoundError:
             pass
-        self.fs.invalidate_cache()
+        except Exception as exc:
+            raise self._fail(exc, prefix) from None
+        finally:
+            self.fs.invalidate_cache()
+
+
+def s3_options(options: Mapping[str, Any], max_in_flight: int) -> dict[str, Any]:
+    """s3fs options with hpstore's defaults: client retries off (``RetryingStorage`` retries),
+    a connection pool as deep as the requests kept in flight, no listing cache (another process
+    may have written since), and a private client instance so these settings stay ours."""
+    out = dict(options)
+    config = dict(out.get("config_kwargs") or {})
+    config.setdefault("retries", {"total_max_attempts": 1})
+    config.setdefault("max_pool_connections", max_in_flight)
+    out["config_kwargs"] = config
+    out.setdefault("use_listings_cache", False)
+    out["skip_instance_cache"] = True
+    return out
+
+
+def raise_first(results: Sequence[bytes | BaseException]) -> list[bytes]:
+    """``results`` as bytes, raising the first exception among them."""
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return list(results)  # type: ignore[arg-type]
 
 
 class PrefixStorage(Storage):
@@ -327,6 +415,9 @@ class PrefixStorage(Storage):
 
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         return self.inner.read_ranges([(self._k(k), s, e) for k, s, e in ranges])
+
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
+        return self.inner.read_ranges_each([(self._k(k), s, e) for k, s, e in ranges])
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         self.inner.write(self._k(key), data)

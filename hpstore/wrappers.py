@@ -2,7 +2,8 @@
 
 ``RetryingStorage`` retries transient failures with jittered exponential backoff;
 ``LatencyStorage`` adds a fixed delay per request (benchmarks and tests of latency hiding).
-Both keep the wrapped storage's counters and add their own (``retries``, ``failures``).
+Both keep the wrapped storage's counters and add their own (``retries``, ``failures``,
+``retry_wait_seconds``).
 """
 
 from __future__ import annotations
@@ -13,14 +14,22 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from hpstore.errors import ObjectNotFoundError, StorageError
-from hpstore.storage import Range, Storage
+from hpstore.errors import HpstoreError, StorageError
+from hpstore.failures import TransientStorageError
+from hpstore.storage import Range, Storage, raise_first
 
 T = TypeVar("T")
 
 
 @dataclass(frozen=True, kw_only=True)
 class RetryPolicy:
+    """``attempts`` tries in all per request; between them a full-jitter exponential delay.
+
+    The defaults give up after about 3 s of backoff at most (1.5 s expected), long enough to ride
+    out a throttling burst or a dropped connection, short enough that a dead endpoint surfaces as a
+    clear error quickly.
+    """
+
     attempts: int = 6
     base_delay: float = 0.05
     max_delay: float = 2.0
@@ -28,65 +37,113 @@ class RetryPolicy:
     def __post_init__(self) -> None:
         if self.attempts < 1:
             raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
 
     def delay(self, attempt: int) -> float:
         """Full-jitter backoff: uniform in [0, min(max, base * 2**attempt)]."""
         return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
 
 
-def is_permanent(exc: BaseException) -> bool:
-    """Errors no retry can cure: missing objects, bad credentials, missing buckets."""
-    if isinstance(exc, ObjectNotFoundError | FileNotFoundError | PermissionError):
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may cure ``exc``.
+
+    Remote backends classify their own failures (``TransientStorageError`` or a permanent
+    ``StorageError``); any other hpstore error, a missing object, a permission problem or a
+    programming error is permanent. A bare ``OSError`` from a backend that does not classify
+    (a reset connection, a timeout) is transient.
+    """
+    if isinstance(exc, TransientStorageError):
         return True
-    text = str(exc)
-    return any(
-        s in text for s in ("NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
-    )
+    if isinstance(exc, HpstoreError | FileNotFoundError | PermissionError):
+        return False
+    return isinstance(exc, OSError)
 
 
 class RetryingStorage(Storage):
+    """Retries transient failures; permanent ones raise at once. ``read_ranges`` repeats only the
+    ranges that failed, so one flaky request out of a hundred in flight costs one request."""
+
     def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
         self.inner = inner
         self.policy = policy or RetryPolicy()
         self.url = inner.url
         self.stats = inner.stats
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
+    def _backoff(self, attempt: int, requests: int) -> None:
+        wait = self.policy.delay(attempt)
+        self.stats.add(retries=requests, retry_wait_seconds=wait)
+        time.sleep(wait)
+
+    def _gave_up(self, what: str, key: str, exc: BaseException) -> StorageError:
+        self.stats.add(failures=1)
+        # Remote backends' messages already name the object; others get the location added.
+        text = str(exc) if isinstance(exc, HpstoreError) else f"{self.url}/{key}: {exc}"
+        return StorageError(f"{text} ({what} failed after {self.policy.attempts} attempts)")
+
+    def _call(self, what: str, key: str, fn: Callable[[], T]) -> T:
         for attempt in range(self.policy.attempts):
             try:
                 return fn()
             except Exception as exc:
-                if is_permanent(exc):
+                if not is_transient(exc):
                     raise
                 if attempt + 1 == self.policy.attempts:
-                    self.stats.add(failures=1)
-                    raise StorageError(
-                        f"{self.url}: {what} failed after {self.policy.attempts} attempts: {exc}"
-                    ) from exc
-                self.stats.add(retries=1)
-                time.sleep(self.policy.delay(attempt))
+                    raise self._gave_up(what, key, exc) from None
+                self._backoff(attempt, 1)
         raise AssertionError("unreachable")
 
     def read(self, key: str) -> bytes:
-        return self._call(f"read {key}", lambda: self.inner.read(key))
+        return self._call("read", key, lambda: self.inner.read(key))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self._call(f"read {key}[{start}:{end}]", lambda: self.inner.read_range(key, start, end))
+        return self.read_ranges([(key, start, end)])[0]
 
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
-        return self._call(f"read of {len(ranges)} ranges", lambda: self.inner.read_ranges(ranges))
+        return raise_first(self._read_ranges(ranges, stop_on_permanent=True))
+
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
+        return self._read_ranges(ranges, stop_on_permanent=False)
+
+    def _read_ranges(
+        self, ranges: Sequence[Range], *, stop_on_permanent: bool
+    ) -> list[bytes | BaseException]:
+        results: list[bytes | BaseException] = [b""] * len(ranges)
+        pending = list(range(len(ranges)))
+        for attempt in range(self.policy.attempts):
+            got = self.inner.read_ranges_each([ranges[i] for i in pending])
+            failed: list[int] = []
+            for i, r in zip(pending, got, strict=True):
+                results[i] = r
+                if isinstance(r, BaseException):
+                    if not is_transient(r):
+                        if stop_on_permanent:
+                            raise r
+                    else:
+                        failed.append(i)
+            pending = failed
+            if not pending:
+                return results
+            if attempt + 1 < self.policy.attempts:
+                self._backoff(attempt, len(pending))
+        for i in pending:
+            key, start, end = ranges[i]
+            last = results[i]
+            assert isinstance(last, BaseException)
+            results[i] = self._gave_up(f"read of bytes [{start}:{end}]", key, last)
+        return results
 
     def write(self, key: str, data: bytes | memoryview) -> None:
-        self._call(f"write {key}", lambda: self.inner.write(key, data))
+        self._call("write", key, lambda: self.inner.write(key, data))
 
     def size(self, key: str) -> int:
-        return self._call(f"stat {key}", lambda: self.inner.size(key))
+        return self._call("stat", key, lambda: self.inner.size(key))
 
     def list(self, prefix: str = "") -> dict[str, int]:
-        return self._call(f"list {prefix or '/'}", lambda: self.inner.list(prefix))
+        return self._call("list", prefix, lambda: self.inner.list(prefix))
 
     def delete_prefix(self, prefix: str) -> None:
-        self._call(f"delete {prefix}", lambda: self.inner.delete_prefix(prefix))
+        self._call("delete", prefix, lambda: self.inner.delete_prefix(prefix))
 
 
 class LatencyStorage(Storage):
@@ -111,6 +168,10 @@ class LatencyStorage(Storage):
         time.sleep(self.seconds)
         return self.inner.read_ranges(ranges)
 
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
+        time.sleep(self.seconds)
+        return self.inner.read_ranges_each(ranges)
+
     def write(self, key: str, data: bytes | memoryview) -> None:
         time.sleep(self.seconds)
         self.inner.write(key, data)
@@ -124,4 +185,5 @@ class LatencyStorage(Storage):
         return self.inner.list(prefix)
 
     def delete_prefix(self, prefix: str) -> None:
+        time.sleep(self.seconds)
         self.inner.delete_prefix(prefix)
