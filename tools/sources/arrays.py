@@ -10,6 +10,7 @@ containers (gzip, zip) verify their checksums and trailing garbage is reported.
 
 from __future__ import annotations
 
+import gzip
 import math
 import zipfile
 import zlib
@@ -26,6 +27,17 @@ from tools.sources.base import Batch, Column, Source, batch_rows, check_fixed_dt
 
 DECODE_ERRORS = (OSError, ValueError, EOFError, zlib.error, zipfile.BadZipFile)
 """What gzip, zipfile and numpy raise on damaged input (``EOFError``: a truncated gzip stream)."""
+
+
+def describe(exc: BaseException) -> str:
+    """A decode error in words: truncated (the stream ends early) or corrupt (bad bytes)."""
+    if isinstance(exc, EOFError):
+        return f"truncated: {exc}"
+    if isinstance(exc, gzip.BadGzipFile | zlib.error | zipfile.BadZipFile):
+        return f"corrupt: {exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot read: {exc.strerror}"
+    return str(exc)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,7 +112,7 @@ def _row_reader(arr: ArrayStream) -> Iterator[Callable[[int], Column]]:
             whole = None
         stream = arr.open() if whole is None else None
     except DECODE_ERRORS as exc:
-        raise InputError(f"{arr.where}: {exc}") from None
+        raise InputError(f"{arr.where}: {describe(exc)}") from None
     pos = 0
 
     def read(n: int) -> Column:
@@ -115,7 +127,7 @@ def _row_reader(arr: ArrayStream) -> Iterator[Callable[[int], Column]]:
             except InputError:
                 raise
             except DECODE_ERRORS as exc:
-                raise InputError(f"{arr.where}: {exc}") from None
+                raise InputError(f"{arr.where}: {describe(exc)}") from None
         pos += n
         if stream is not None and pos == arr.shape[0]:
             _check_end(stream, arr.where)
@@ -133,7 +145,7 @@ def _check_end(stream: BinaryIO, where: str) -> None:
     try:
         extra = stream.read(1 << 16)
     except DECODE_ERRORS as exc:
-        raise InputError(f"{where}: {exc}") from None
+        raise InputError(f"{where}: {describe(exc)}") from None
     if extra:
         raise InputError(f"{where}: unexpected data after the last sample")
 

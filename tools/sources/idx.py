@@ -23,7 +23,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hpstore.errors import InputError
-from tools.sources.arrays import DECODE_ERRORS, ArraySource, ArrayStream, check_stream
+from tools.sources.arrays import DECODE_ERRORS, ArraySource, ArrayStream, check_stream, describe
 from tools.sources.base import Split, check_field_name
 
 IDX_TYPES: dict[int, np.dtype[Any]] = {
@@ -66,7 +66,7 @@ def _read_header(f: BinaryIO, where: str) -> tuple[np.dtype[Any], tuple[int, ...
     except InputError:
         raise
     except DECODE_ERRORS as exc:
-        raise InputError(f"{where}: corrupt or not gzip: {exc}") from None
+        raise InputError(f"{where}: {describe(exc)}") from None
     if len(raw) < 4 * ndim:
         raise InputError(f"{where}: truncated: the file ends inside the IDX header")
     return IDX_TYPES[code], struct.unpack(f">{ndim}I", raw), 4 + 4 * ndim

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hpstore.errors import InputError
-from tools.sources.arrays import DECODE_ERRORS, ArraySource, ArrayStream, check_stream
+from tools.sources.arrays import DECODE_ERRORS, ArraySource, ArrayStream, check_stream, describe
 from tools.sources.base import check_field_name
 
 
@@ -74,8 +74,10 @@ def _npz_members(path: str) -> list[ArrayStream]:
                     field=name, where=where, open=open_, shape=shape, dtype=dtype, fortran=fortran
                 )
                 arrays.append(check_stream(arr, info.file_size, offset))
+    except InputError:
+        raise
     except DECODE_ERRORS as exc:
-        raise InputError(f"{path}: not a readable .npz archive: {exc}") from None
+        raise InputError(f"{path}: not a readable .npz archive: {describe(exc)}") from None
     if not arrays:
         raise InputError(f"{path}: the archive holds no .npy arrays")
     return arrays

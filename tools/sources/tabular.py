@@ -69,7 +69,10 @@ def _guard(path: str, batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBa
     except InputError:
         raise
     except _ERRORS as exc:
-        raise InputError(f"{path}: {_first_line(exc)}") from None
+        hint = ""
+        if "CSV conversion error" in str(exc) or "JSON" in type(exc).__name__ + str(exc)[:40]:
+            hint = " (column types are inferred from the first block of the file)"
+        raise InputError(f"{path}: {_first_line(exc)}{hint}") from None
 
 
 def _first_line(exc: BaseException) -> str:
