@@ -55,5 +55,9 @@ def to_python(arr: pa.Array) -> list[Any]:
             offsets = arr.offsets.to_numpy()
             flat = arr.flatten().to_numpy(zero_copy_only=False)
             base = offsets[0]
-            return [flat[offsets[i] - base : offsets[i + 1] - base] for i in range(len(arr))]
+            rows: list[Any] = [flat[offsets[i] - base : offsets[i + 1] - base] for i in range(len(arr))]
+            if arr.null_count:  # a null list is None, not an empty array
+                for i in np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False)).tolist():
+                    rows[i] = None
+            return rows
     return arr.to_pylist()
