@@ -24,6 +24,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -269,9 +270,10 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
             for split in splits:
                 progress.bar.set_description(split.name)
                 sw = writer.split(split.name, attrs=split.source.attrs)
-                for batch in prefetched(split.source.batches()):
-                    sw.append(batch)
-                    progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
+                with closing(prefetched(split.source.batches())) as batches:
+                    for batch in batches:
+                        sw.append(batch)
+                        progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
                 writer.add_split(sw)
             manifest = writer.commit()
     finally:

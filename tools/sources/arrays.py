@@ -55,7 +55,7 @@ class ArrayStream:
 
     @property
     def row_bytes(self) -> int:
-        return self.dtype.itemsize * math.prod(self.shape[1:])
+        return (self.cast or self.dtype).itemsize * math.prod(self.shape[1:])
 
 
 def check_stream(arr: ArrayStream, available: int | None, data_offset: int) -> ArrayStream:
