@@ -14,6 +14,7 @@ from hpstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from hpstore.loader import Loader
 
 __all__ = [
     "CheckpointError",
@@ -23,6 +24,7 @@ __all__ = [
     "FieldInfo",
     "HpstoreError",
     "InputError",
+    "Loader",
     "ManifestError",
     "ObjectNotFoundError",
     "StorageError",

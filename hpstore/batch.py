@@ -1,0 +1,178 @@
+"""Batch assembly: a shuffle window's rows gathered once, in output order; batches are slices.
+
+For a fixed-shape field the window's rows are scattered from each decoded chunk straight into one
+tensor in output order: one fancy-indexed copy per chunk piece (``out[dest] = chunk[a:b]``), never a
+loop over samples, and no collate step. Each batch is then a slice of that tensor (a view, no copy),
+so a batch costs a few microseconds whatever its size. Where the rows go is the caller's choice
+(``take``): recycled arrays from a ``BufferPool`` (pinned when a GPU is present, so batches are
+pinned without another copy), or shared memory (``shared_array``) for a worker process to hand to its
+parent without a copy.
+
+Variable-length fields (Arrow) are gathered per window with one ``concat`` + ``take``; each batch is
+then converted:
+
+- lists of numbers or booleans (``list<int64>``, ``large_list<float>`` ...): a zero-padded tensor
+  ``(batch, longest list in the batch)`` of the value type, plus ``<name>_lengths`` (int64);
+- ``binary`` / ``string`` (and their ``large_`` forms): a Python list of ``bytes`` / ``str``;
+- anything else (structs, nested lists): a Python list of the values ``pyarrow`` gives.
+
+A null list counts as empty; nulls inside a list of numbers become 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from hpstore.chunks import Chunk, _schema
+from hpstore.manifest import FieldSpec
+from hpstore.plan import Window
+
+LENGTHS_SUFFIX = "_lengths"
+"""Key suffix of the lengths tensor that accompanies a padded variable-length field."""
+
+ChunkOf = Callable[[int], Chunk]
+"""Decoded chunk of one field, by chunk id."""
+
+
+def is_padded(f: FieldSpec) -> bool:
+    """Whether a variable field becomes a padded tensor plus lengths (lists of numbers)."""
+    if f.is_array or f.arrow_schema is None:
+        return False
+    t = _schema(f).field(0).type
+    if not (pa.types.is_list(t) or pa.types.is_large_list(t)):
+        return False
+    v = t.value_type
+    return bool(pa.types.is_integer(v) or pa.types.is_floating(v) or pa.types.is_boolean(v))
+
+
+Take = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]
+"""Where a window's rows go: an uninitialised array of the given shape and dtype (see
+``hpstore.buffers``)."""
+
+
+def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
+    """An array in shared memory (a worker process hands it to the parent without a copy)."""
+    like = torch.from_numpy(np.empty(0, dtype=dtype))
+    return torch.empty(shape, dtype=like.dtype).share_memory_().numpy()
+
+
+def gather_rows(window: Window, chunk_of: ChunkOf, out: np.ndarray) -> None:
+    """Fill ``out`` (rows in output order) from the window's chunks: one copy per chunk piece."""
+    dest = window.destinations
+    offsets = window.offsets.tolist()
+    for k, (cid, a, b) in enumerate(window.pieces.tolist()):
+        s, e = offsets[k], offsets[k + 1]
+        if window.order is None:
+            out[s:e] = chunk_of(cid)[a:b]
+        else:
+            out[dest[s:e]] = chunk_of(cid)[a:b]
+
+
+def gather_variable(window: Window, chunk_of: ChunkOf) -> pa.Array:
+    """The window's values of a variable field, in output order."""
+    parts = [chunk_of(cid).slice(a, b - a) for cid, a, b in window.pieces.tolist()]
+    arr = pa.concat_arrays(parts) if len(parts) != 1 else parts[0]
+    return arr if window.order is None else arr.take(pa.array(window.order))
+
+
+def padded(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, lengths)``: a list array as a zero-padded 2-d array, built without a row loop."""
+    lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy().astype(np.int64)
+    flat = arr.flatten()
+    if flat.null_count:
+        flat = pc.fill_null(flat, pa.scalar(0, flat.type) if not pa.types.is_boolean(flat.type) else False)
+    values = flat.to_numpy(zero_copy_only=False)
+    n = len(arr)
+    out = np.zeros((n, int(lengths.max()) if n else 0), dtype=values.dtype)
+    if values.size:
+        rows = np.repeat(np.arange(n), lengths)
+        cols = np.arange(values.size) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        out[rows, cols] = values
+    return out, lengths
+
+
+class WindowRows:
+    """A built window: each requested field's rows in output order; ``batch(k)`` slices batch k."""
+
+    def __init__(
+        self,
+        window: Window,
+        columns: Mapping[str, torch.Tensor | pa.Array],
+        padded_fields: frozenset[str],
+        *,
+        index: torch.Tensor | None,
+        pin: bool,
+    ) -> None:
+        self.window = window
+        self.columns = dict(columns)
+        self.padded_fields = padded_fields
+        self.index = index
+        self.pin = pin
+
+    @property
+    def num_batches(self) -> int:
+        return self.window.num_batches
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(getattr(c, "nbytes", 0)) for c in self.columns.values())
+
+    def batch(self, k: int) -> dict[str, Any]:
+        a, b = self.window.batch_bounds(k)
+        out: dict[str, Any] = {}
+        for name, col in self.columns.items():
+            if isinstance(col, torch.Tensor):
+                out[name] = col[a:b]
+                continue
+            part = col.slice(a, b - a)
+            if name in self.padded_fields:
+                values, lengths = padded(part)
+                t = torch.from_numpy(values)
+                out[name] = t.pin_memory() if self.pin else t
+                out[name + LENGTHS_SUFFIX] = torch.from_numpy(lengths)
+            else:
+                out[name] = part.to_pylist()
+        if self.index is not None:
+            out["index"] = self.index[a:b]
+        return out
+
+
+def assemble(
+    window: Window,
+    fields: Mapping[str, FieldSpec],
+    chunk_of: Callable[[str, int], Chunk],
+    *,
+    take: Take,
+    padded_fields: frozenset[str],
+    with_index: bool,
+    pin: bool = False,
+) -> WindowRows:
+    """Gather every requested field of ``window`` from its decoded chunks into arrays from
+    ``take``; ``padded_fields`` are the variable fields to convert to padded tensors (``is_padded``),
+    pinned when ``pin``."""
+    columns: dict[str, torch.Tensor | pa.Array] = {}
+    for name, f in fields.items():
+
+        def of(cid: int, name: str = name) -> Chunk:
+            return chunk_of(name, cid)
+
+        if f.is_array:
+            dtype = np.dtype(f.dtype or "u1").newbyteorder("=")
+            out = take((window.rows, *(f.shape or ())), dtype)
+            gather_rows(window, of, out)
+            columns[name] = torch.from_numpy(out)
+        else:
+            columns[name] = gather_variable(window, of)
+    index = None
+    if with_index:
+        idx = window.indices()
+        out = take(idx.shape, idx.dtype)
+        out[:] = idx
+        index = torch.from_numpy(out)
+    return WindowRows(window, columns, padded_fields, index=index, pin=pin)

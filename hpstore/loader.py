@@ -1,0 +1,402 @@
+"""Loader: a dataset split streamed into torch batches, exactly once per epoch across ranks.
+
+``Loader`` composes the parts, each in its own module, and owns only the position and the glue::
+
+    plan (which windows, in which order)  ->  prefetch (windows built ahead, on threads, in a byte
+    budget)  ->  cache (decoded chunks, evicted furthest-next-use first)  ->  chunks (read + verify +
+    decode)  ->  batch (rows gathered once per window; batches are slices)
+
+Usage::
+
+    ds = hpstore.open("s3://bucket/mnist").split("train")
+    loader = hpstore.Loader(ds, 256, num_workers=2, with_index=True)
+    for epoch in range(start, epochs):
+        loader.set_epoch(epoch)
+        for batch in loader:            # {"image": uint8 tensor (256, 28, 28), "label": ..., "index": ...}
+            ...
+        ckpt["loader"] = loader.state_dict()   # a few integers; identical on every rank
+
+Semantics worth knowing:
+
+- Every rank yields ``len(loader)`` batches per epoch; across ranks every sample appears exactly once
+  (``drop_last=False`` adds fewer than ``world_size`` wrap-around duplicates so every rank runs the
+  same number of steps; ``drop_last=True`` leaves out fewer than ``world_size·batch_size`` samples
+  instead and every batch is full). See ``hpstore.plan``.
+- ``num_workers`` is the number of background threads that read, decode and gather windows ahead of
+  the consumer; ``0`` does that work in the consumer's thread. Threads, not processes, because the
+  heavy steps (reads, decompression, the gathers) release the GIL or are single bulk copies and the
+  threads share one cache; ``benchmarks/loader.py`` measures both. The output order does not depend
+  on ``num_workers``.
+- Iterating continues from the current position: after a full epoch the next ``iter`` starts the
+  next epoch; after ``load_state_dict`` it yields exactly the rest of the saved epoch, in the same
+  order, with any ``num_workers``. ``set_epoch(e)`` jumps to the start of epoch ``e`` (and keeps a
+  resumed position when ``e`` is the epoch already pending).
+- Fixed-shape fields arrive as tensors; variable-length fields as padded tensors plus
+  ``<name>_lengths`` (lists of numbers) or Python lists (bytes, strings, others); see
+  ``hpstore.batch``. ``with_index=True`` adds ``index``, the global sample index of each row.
+- Memory: decoded chunks up to ``cache_bytes``, plus windows in flight up to ``prefetch_bytes`` (at
+  least one window per worker), plus the window being consumed.
+- Errors from background work (a corrupt chunk names its object; a vanished object) re-raise in the
+  consumer at the batch that needed it; the position stays at the last batch delivered.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from hpstore import batch as batching
+from hpstore.buffers import BufferPool
+from hpstore.cache import ChunkCache, FurthestUsePolicy
+from hpstore.chunks import Chunk
+from hpstore.dataset import Dataset
+from hpstore.errors import InputError
+from hpstore.manifest import FieldSpec
+from hpstore.plan import EpochPlan, PlanSpec
+from hpstore.prefetch import Prefetcher
+
+DEFAULT_PREFETCH_BYTES = 256 << 20
+DEFAULT_CACHE_BYTES = 512 << 20
+DEFAULT_SHUFFLE_WINDOW = 16
+STATE_VERSION = 1
+PLAN_KEYS = ("num_samples", "chunk_rows", "batch_size", "world_size", "seed", "shuffle", "drop_last")
+"""State entries that must match the loader a state is loaded into (they define the plan)."""
+
+
+@dataclass
+class LoaderStats:
+    """Counters of what the loader did (cumulative over epochs). Cache counters are added in
+    ``Loader.stats``."""
+
+    bytes_read: int = 0
+    read_requests: int = 0
+    read_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    gather_seconds: float = 0.0
+    wait_seconds: float = 0.0
+    windows: int = 0
+    batches: int = 0
+    samples: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **deltas: float) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self, name, getattr(self, name) + delta)
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """``(rank, world_size)``: the arguments, else torch.distributed's when it is initialised."""
+    import torch.distributed as dist
+
+    live = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if live else 1
+    if rank is None:
+        rank = dist.get_rank() if live else 0
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise InputError(f"rank {rank} is out of range for world size {world_size}")
+    return rank, world_size
+
+
+def _row_bytes(f: FieldSpec, num_samples: int) -> float:
+    if f.is_array:
+        return np.dtype(f.dtype or "u1").itemsize * float(np.prod(f.shape or ()))
+    stored = sum(n for part in f.parts for _, n, _ in part.batches)
+    return stored / max(1, num_samples)
+
+
+class Loader:
+    """Batches of one split as dicts of torch tensors; see the module docstring."""
+
+    def __init__(
+        self,
+        ds: Dataset,
+        batch_size: int,
+        *,
+        shuffle: bool = True,
+        seed: int = 0,
+        fields: Sequence[str] | None = None,
+        drop_last: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        num_workers: int = 0,
+        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        with_index: bool = False,
+        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
+        pin_memory: bool | None = None,
+    ) -> None:
+        for name, value in (("num_workers", num_workers), ("prefetch_bytes", prefetch_bytes)):
+            if value < 0:
+                raise InputError(f"{name} must be >= 0, got {value}")
+        if cache_bytes < 0:
+            raise InputError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        self.dataset = ds
+        self.rank, self.world_size = resolve_world(rank, world_size)
+        self.spec = PlanSpec(
+            num_samples=len(ds),
+            chunk_rows=ds.spec.chunk_rows,
+            batch_size=batch_size,
+            world_size=self.world_size,
+            seed=seed,
+            shuffle=bool(shuffle),
+            drop_last=bool(drop_last),
+            window_chunks=shuffle_window,
+        )
+        self.fields = {name: ds.spec.fields[name] for name in ds.field_names(fields)}
+        self.padded_fields = frozenset(n for n, f in self.fields.items() if batching.is_padded(f))
+        self._check_keys(with_index)
+        self.num_workers = num_workers
+        self.prefetch_bytes = prefetch_bytes
+        self.with_index = with_index
+        if pin_memory is None:
+            import torch
+
+            pin_memory = torch.cuda.is_available()
+        self.pin_memory = bool(pin_memory)
+        # Enough recycled buffers per kind for every window in flight plus the one being consumed.
+        self.buffers = BufferPool(pin=self.pin_memory, limit=num_workers + 3)
+        self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
+        self._io = LoaderStats()
+        self.cache = ChunkCache(cache_bytes, self._fetch, policy=FurthestUsePolicy())
+        self._epoch = 0
+        self._step = 0
+        self._run: weakref.ref[_Run] | None = None
+
+    def _check_keys(self, with_index: bool) -> None:
+        keys = list(self.fields)
+        keys += [n + batching.LENGTHS_SUFFIX for n in self.padded_fields]
+        keys += ["index"] if with_index else []
+        dup = sorted({k for k in keys if keys.count(k) > 1})
+        if dup:
+            raise InputError(f"batch keys collide: {', '.join(dup)} (rename the field or drop with_index)")
+
+    # -- the public surface -----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return self.spec.steps_per_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int | np.integer) or epoch < 0:
+            raise InputError(f"epoch must be an integer >= 0, got {epoch!r}")
+        if int(epoch) != self._epoch:
+            self._close_run()
+            self._epoch, self._step = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int | bool]:
+        """Where the next batch comes from: ``epoch``, ``step`` (batches of that epoch already
+        delivered; ``step == len(self)`` means the epoch is done and the next ``iter`` starts the
+        following one), and the plan's inputs, checked on load. The same on every rank, plain JSON."""
+        state: dict[str, int | bool] = {"version": STATE_VERSION, "epoch": self._epoch, "step": self._step}
+        state.update({k: getattr(self.spec, k) for k in PLAN_KEYS})
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a ``state_dict()``; the next iteration yields exactly the rest of its epoch."""
+        missing = [k for k in ("version", "epoch", "step", *PLAN_KEYS) if k not in state]
+        if missing:
+            raise InputError(f"loader state lacks {', '.join(missing)}")
+        if state["version"] != STATE_VERSION:
+            raise InputError(f"loader state version {state['version']} is not supported")
+        for key in PLAN_KEYS:
+            mine = getattr(self.spec, key)
+            if state[key] != mine:
+                raise InputError(
+                    f"loader state was saved with {key}={state[key]!r} but this loader has {key}={mine!r}; "
+                    "resuming exactly needs the same value"
+                )
+        epoch, step = int(state["epoch"]), int(state["step"])
+        if epoch < 0 or not 0 <= step <= self.spec.steps_per_epoch:
+            raise InputError(f"loader state position epoch={epoch} step={step} is out of range")
+        self._close_run()
+        self._epoch, self._step = epoch, step
+
+    @property
+    def stats(self) -> dict[str, float]:
+        """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ..."""
+        out = self._io.as_dict()
+        c = self.cache.stats
+        out.update(
+            chunk_hits=c.hits,
+            chunk_misses=c.misses,
+            chunk_hit_rate=c.hit_rate,
+            evictions=c.evictions,
+            cache_bypassed=c.bypassed,
+            cache_resident_bytes=c.resident_bytes,
+            cache_peak_bytes=c.peak_resident_bytes,
+        )
+        return out
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        self._close_run()
+        run = _Run(self)
+        self._run = weakref.ref(run)
+        return run
+
+    def close(self) -> None:
+        """Stop background work of an unfinished iteration (also done on the next ``iter``)."""
+        self._close_run()
+
+    def __repr__(self) -> str:
+        return (
+            f"Loader({self.dataset.name!r}, batch_size={self.spec.batch_size}, rank={self.rank}/"
+            f"{self.world_size}, {len(self)} batches/epoch, epoch={self._epoch}, step={self._step})"
+        )
+
+    # -- internals ---------------------------------------------------------------------------------
+
+    def _close_run(self) -> None:
+        run = self._run() if self._run is not None else None
+        if run is not None:
+            run.close()
+        self._run = None
+
+    def _fetch(self, keys: list[Any]) -> list[Chunk]:
+        """Read and decode chunks ``(field, chunk)``: one coalesced read for all of them."""
+        reader = self.dataset.reader
+        t0 = time.perf_counter()
+        ranges = []
+        for name, cid in keys:
+            ranges.extend(reader.ranges(name, [cid]))
+        raws = reader.fetch(ranges)
+        t1 = time.perf_counter()
+        out = [reader.decode(name, cid, raw) for (name, cid), raw in zip(keys, raws, strict=True)]
+        self._io.add(
+            bytes_read=sum(e - s for _, s, e in ranges),
+            read_requests=len(ranges),
+            read_seconds=t1 - t0,
+            decode_seconds=time.perf_counter() - t1,
+        )
+        return out
+
+    def _window_cost(self, rows: int) -> int:
+        """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
+        return int(2 * rows * self._row_bytes)
+
+
+class _Builder:
+    """Builds the windows of one run (on prefetch threads). Kept apart from ``_Run`` so the threads
+    hold no reference to the iterator: an abandoned iterator is collected and stops them."""
+
+    def __init__(self, loader: Loader, plan: EpochPlan, first_window: int) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.bases = self._plan_cache(first_window)
+
+    def _plan_cache(self, first_window: int) -> dict[int, int]:
+        """Give the cache this run's chunk accesses and the next epoch's (so what the next epoch
+        starts with is kept); return where each window's accesses start."""
+        names = list(self.loader.fields)
+        future: list[tuple[str, int]] = []
+        bases: dict[int, int] = {}
+        for j in range(first_window, self.plan.num_windows):
+            bases[j] = len(future)
+            future.extend((name, c) for c in self.plan.window_chunks(j) for name in names)
+        following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
+        for j in range(following.num_windows):
+            future.extend((name, c) for c in following.window_chunks(j) for name in names)
+        self.loader.cache.plan(future)
+        return bases
+
+    def cost(self, j: int) -> int:
+        a, b = self.plan.window_bounds(j)
+        return self.loader._window_cost(b - a)
+
+    def build(self, j: int) -> batching.WindowRows:
+        loader = self.loader
+        window = self.plan.window(j)
+        keys = [(name, c) for c in window.chunks for name in loader.fields]
+        base = self.bases[j]
+        values = loader.cache.get_many(keys, range(base, base + len(keys)))
+        chunks = dict(zip(keys, values, strict=True))
+        t0 = time.perf_counter()
+        rows = batching.assemble(
+            window,
+            loader.fields,
+            lambda name, c: chunks[(name, c)],
+            take=loader.buffers.take,
+            padded_fields=loader.padded_fields,
+            with_index=loader.with_index,
+            pin=loader.pin_memory,
+        )
+        loader._io.add(gather_seconds=time.perf_counter() - t0, windows=1)
+        return rows
+
+
+class _Run:
+    """One pass from the loader's current position to the end of its epoch."""
+
+    def __init__(self, loader: Loader) -> None:
+        self.loader = loader
+        plan = EpochPlan(loader.spec, loader._epoch, loader.rank)
+        first_window, self.skip = plan.start_of(loader._step)
+        if loader._step >= plan.steps:  # resumed after the last batch: the rest is empty
+            first_window = plan.num_windows
+        builder = _Builder(loader, plan, first_window)
+        self.prefetcher: Prefetcher[int, batching.WindowRows] = Prefetcher(
+            range(first_window, plan.num_windows),
+            builder.build,
+            workers=loader.num_workers,
+            budget_bytes=loader.prefetch_bytes,
+            cost=builder.cost,
+        )
+        self.current: batching.WindowRows | None = None
+        self.k = 0
+        self.closed = False
+
+    def __iter__(self) -> _Run:
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.closed:
+            raise StopIteration
+        loader = self.loader
+        while self.current is None or self.k >= self.current.num_batches:
+            t0 = time.perf_counter()
+            try:
+                self.current = next(self.prefetcher)
+            except StopIteration:
+                self.close()
+                loader._epoch, loader._step = loader._epoch + 1, 0
+                raise
+            except BaseException:
+                self.close()
+                raise
+            finally:
+                loader._io.add(wait_seconds=time.perf_counter() - t0)
+            self.k, self.skip = self.skip, 0
+        a, b = self.current.window.batch_bounds(self.k)
+        out = self.current.batch(self.k)
+        self.k += 1
+        loader._step += 1
+        loader._io.add(batches=1, samples=b - a)
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.current = None
+            self.prefetcher.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

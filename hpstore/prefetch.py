@@ -1,0 +1,175 @@
+"""Prefetcher: runs a known sequence of jobs ahead of the consumer, on background threads, within a
+byte budget, and hands the results back in order.
+
+The loader's jobs are shuffle windows (read, decode and gather the rows of one window). Because the
+plan lists them in advance, prefetch is exact: job ``i`` is started only when everything before it
+has been started, and only while the jobs started but not yet released by the consumer cost at most
+``budget_bytes`` in total. One job is always allowed when nothing else is outstanding, so a job
+larger than the budget slows things down but never deadlocks.
+
+Hazards handled here, and tested:
+
+- an exception in a job re-raises in the consumer when it reaches that job (never a silent hang, never
+  a short epoch); after an error no new jobs start;
+- ``close()`` stops the threads and joins them (a job already running is allowed to finish), so an
+  abandoned epoch leaves no threads behind; consumers should call it (the loader does, on exhaustion,
+  on error, and when an abandoned iterator is collected);
+- a consumer waiting on a job whose threads have all died raises instead of waiting forever.
+
+``workers=0`` runs every job inline in the consumer's thread, with the same interface.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+J = TypeVar("J")
+T = TypeVar("T")
+
+_POLL_SECONDS = 1.0
+"""How often a waiting consumer checks that the threads it waits on are still alive."""
+
+
+@dataclass
+class PrefetchStats:
+    wait_seconds: float = 0.0
+    jobs: int = 0
+    peak_inflight_bytes: int = 0
+
+
+class Prefetcher(Generic[J, T]):
+    """``iter(Prefetcher(jobs, produce, ...))`` yields ``produce(job)`` for each job, in order."""
+
+    def __init__(
+        self,
+        jobs: Sequence[J],
+        produce: Callable[[J], T],
+        *,
+        workers: int,
+        budget_bytes: int,
+        cost: Callable[[J], int],
+        name: str = "hpstore-prefetch",
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0, got {workers}")
+        self._jobs = jobs
+        self._produce = produce
+        self._cost = cost
+        self._budget = budget_bytes
+        self.stats = PrefetchStats()
+        self._cond = threading.Condition()
+        self._results: dict[int, tuple[bool, object]] = {}
+        self._costs: dict[int, int] = {}
+        self._next_job = 0  # next job a thread may claim
+        self._next_out = 0  # next result the consumer takes
+        self._inflight = 0  # cost of claimed jobs not yet released by the consumer
+        self._stop = False
+        self._failed = False
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+        ]
+        for t in self._threads:
+            t.start()
+
+    # -- background side ---------------------------------------------------------------------------
+
+    def _claim(self) -> int | None:
+        with self._cond:
+            while True:
+                if self._stop or self._failed or self._next_job >= len(self._jobs):
+                    return None
+                i = self._next_job
+                c = self._cost(self._jobs[i])
+                if self._inflight == 0 or self._inflight + c <= self._budget:
+                    self._next_job += 1
+                    self._costs[i] = c
+                    self._inflight += c
+                    self.stats.peak_inflight_bytes = max(self.stats.peak_inflight_bytes, self._inflight)
+                    return i
+                self._cond.wait()
+
+    def _work(self) -> None:
+        while (i := self._claim()) is not None:
+            try:
+                result: tuple[bool, object] = (True, self._produce(self._jobs[i]))
+            except BaseException as exc:  # handed to the consumer, which re-raises it
+                result = (False, exc)
+            with self._cond:
+                self._results[i] = result
+                self._failed = self._failed or not result[0]
+                self._cond.notify_all()
+
+    # -- consumer side -----------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        with self._cond:
+            self._release()
+            if self._stop:
+                raise RuntimeError("prefetcher is closed")
+            if self._next_out >= len(self._jobs):
+                raise StopIteration
+            i = self._next_out
+            if not self._threads:
+                self._next_job, self._costs[i] = i + 1, 0
+        t0 = time.perf_counter()
+        if not self._threads:
+            ok, value = self._inline(i)
+        else:
+            ok, value = self._wait(i)
+        self.stats.wait_seconds += time.perf_counter() - t0
+        self.stats.jobs += 1
+        if not ok:
+            assert isinstance(value, BaseException)
+            raise value
+        return value  # type: ignore[return-value]
+
+    def _inline(self, i: int) -> tuple[bool, object]:
+        self._next_out = i + 1
+        try:
+            return True, self._produce(self._jobs[i])
+        except BaseException as exc:
+            return False, exc
+
+    def _wait(self, i: int) -> tuple[bool, object]:
+        with self._cond:
+            while i not in self._results:
+                if not any(t.is_alive() for t in self._threads):
+                    raise RuntimeError(f"prefetch threads exited before job {i} finished")
+                self._cond.wait(_POLL_SECONDS)
+            self._next_out = i + 1
+            return self._results.pop(i)
+
+    def _release(self) -> None:
+        """Free the budget of the result the consumer has finished with (the previous one)."""
+        done = self._next_out - 1
+        if done in self._costs:
+            self._inflight -= self._costs.pop(done)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stop starting jobs, wait for the running ones, drop unconsumed results. Idempotent."""
+        with self._cond:
+            self._stop = True
+            self._results.clear()
+            self._cond.notify_all()
+        me = threading.current_thread()
+        for t in self._threads:
+            if t is not me:
+                t.join()
+
+    @property
+    def alive_threads(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def __enter__(self) -> Prefetcher[J, T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

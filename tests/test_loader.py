@@ -1,0 +1,274 @@
+"""The streaming loader on small real stores: contents, exact-once, resume, projection, cache,
+background failures, and clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+import hpstore
+from hpstore import Loader
+from hpstore.errors import CorruptObjectError, InputError, ObjectNotFoundError
+from hpstore.storage import LocalStorage
+from hpstore.writer import Layout, StoreWriter
+from tests.support.resume import check_resume
+
+N = 1500
+TINY = Layout(chunk_bytes=2048, shard_bytes=16384, workers=1, writers=1)
+
+
+def columns(n: int = N) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    return {
+        "image": rng.integers(0, 255, (n, 4, 5), dtype=np.uint8),
+        "label": np.arange(n, dtype=np.int64),  # equal to the index, so mix-ups show
+        "vec": rng.standard_normal((n, 3)).astype(np.float32),
+        "blob": pa.array([bytes([i % 251]) * (i % 9) for i in range(n)], pa.binary()),
+        "text": pa.array([f"s{i}" * (i % 3) for i in range(n)], pa.string()),
+        "ragged": pa.array([list(range(i % 6)) if i % 13 else None for i in range(n)], pa.list_(pa.int32())),
+        "meta": pa.array([{"id": i} for i in range(n)], pa.struct([("id", pa.int64())])),
+    }
+
+
+def write(path: Path, cols: dict[str, Any], layout: Layout = TINY) -> hpstore.Dataset:
+    with StoreWriter(LocalStorage(str(path)), layout=layout) as w:
+        sw = w.split("train")
+        n = len(next(iter(cols.values())))
+        for a in range(0, n, 2000):
+            sw.append({k: v[a : a + 2000] for k, v in cols.items()})
+        w.add_split(sw)
+        w.commit()
+    return hpstore.open(str(path)).split("train")
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    return columns()
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Any]) -> hpstore.Dataset:
+    return write(tmp_path_factory.mktemp("store"), data)
+
+
+def indices(loader: Loader) -> np.ndarray:
+    return np.concatenate([b["index"].numpy() for b in loader])
+
+
+def test_batches_hold_the_right_rows_of_every_field_kind(ds: hpstore.Dataset, data: dict[str, Any]) -> None:
+    loader = Loader(ds, 64, with_index=True, num_workers=2, cache_bytes=0)
+    seen = []
+    for b in loader:
+        idx = b["index"].numpy()
+        seen.append(idx)
+        assert isinstance(b["image"], torch.Tensor) and b["image"].dtype == torch.uint8
+        assert np.array_equal(b["image"].numpy(), data["image"][idx])
+        assert np.array_equal(b["label"].numpy(), idx)
+        assert np.array_equal(b["vec"].numpy(), data["vec"][idx])
+        assert b["blob"] == [data["blob"][int(i)].as_py() for i in idx]
+        assert b["text"] == [data["text"][int(i)].as_py() for i in idx]
+        assert b["meta"] == [{"id": int(i)} for i in idx]
+        # Lists of numbers: zero-padded tensor plus lengths; a null list is empty.
+        lengths = np.array([0 if i % 13 == 0 else i % 6 for i in idx])
+        assert np.array_equal(b["ragged_lengths"].numpy(), lengths)
+        assert b["ragged"].shape == (len(idx), lengths.max())
+        for row, (i, n) in enumerate(zip(idx, lengths, strict=True)):
+            assert b["ragged"][row, :n].tolist() == list(range(n)) and not b["ragged"][row, n:].any()
+            del i
+    every = np.concatenate(seen)
+    assert np.array_equal(np.sort(every), np.arange(N))
+    assert len(seen) == len(loader) == -(-N // 64)
+    assert all(len(s) == 64 for s in seen[:-1])
+
+
+def test_one_epoch_is_a_shuffled_permutation_and_epochs_differ(ds: hpstore.Dataset) -> None:
+    loader = Loader(ds, 100, fields=["label"], with_index=True)
+    first, second = indices(loader), indices(loader)  # iterating again starts the next epoch
+    assert loader.epoch == 2
+    for order in (first, second):
+        assert np.array_equal(np.sort(order), np.arange(N))
+    assert not np.array_equal(first, second)
+    assert not np.array_equal(first, np.arange(N))
+    loader.set_epoch(0)
+    assert np.array_equal(indices(loader), first)  # a pure function of (seed, epoch)
+    plain = Loader(ds, 100, fields=["label"], with_index=True, shuffle=False)
+    assert np.array_equal(indices(plain), np.arange(N))
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_ranks_split_an_epoch_exactly_and_read_only_their_share(
+    ds: hpstore.Dataset, tmp_path: Path, data: dict[str, Any], drop_last: bool
+) -> None:
+    world = 3
+    per_rank = []
+    for rank in range(world):
+        fresh = hpstore.open(ds.store.url).split("train")
+        loader = Loader(
+            fresh, 64, rank=rank, world_size=world, drop_last=drop_last, with_index=True, fields=["image"]
+        )
+        batches = [b["index"].numpy() for b in loader]
+        assert len(batches) == len(loader)
+        per_rank.append(batches)
+        # Locality: a rank reads about a third of the chunks, never all of them.
+        stored = sum(o.size for k, o in fresh.store.manifest.objects.items() if "/image/c/" in k)
+        assert loader.stats["bytes_read"] < 0.5 * stored
+    assert len({len(b) for b in per_rank}) == 1
+    assert all([len(x) for x in per_rank[0]] == [len(x) for x in b] for b in per_rank)
+    counts = np.bincount(np.concatenate([np.concatenate(b) for b in per_rank]), minlength=N)
+    if drop_last:
+        assert counts.max() == 1 and N - counts.sum() < world * 64
+    else:
+        assert counts.min() == 1 and counts.sum() - N < world
+
+
+def test_resume_at_any_point_yields_exactly_the_rest_with_any_workers(ds: hpstore.Dataset) -> None:
+    def make(workers: int) -> Loader:
+        loader = Loader(
+            ds, 50, fields=["label", "blob"], with_index=True, num_workers=workers, shuffle_window=3
+        )
+        loader.set_epoch(5)
+        return loader
+
+    def key(b: dict[str, Any]) -> tuple[int, ...]:
+        assert np.array_equal(b["label"].numpy(), b["index"].numpy())
+        return tuple(b["index"].tolist())
+
+    steps = len(make(0))
+    points = [0, 1, 2, 7, steps // 2, steps - 1, steps]
+    full = check_resume(lambda: make(2), points, key=key, make_resumed=lambda: make(0))
+    assert len(full) == steps
+    check_resume(lambda: make(0), [3, 11], key=key, make_resumed=lambda: make(4))
+
+
+def test_state_is_checked_on_load(ds: hpstore.Dataset) -> None:
+    state = Loader(ds, 50).state_dict()
+    with pytest.raises(InputError, match="batch_size=50 but this loader has batch_size=40"):
+        Loader(ds, 40).load_state_dict(state)
+    with pytest.raises(InputError, match="world_size"):
+        Loader(ds, 50, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(InputError, match="lacks step"):
+        Loader(ds, 50).load_state_dict({k: v for k, v in state.items() if k != "step"})
+    with pytest.raises(InputError, match="out of range"):
+        Loader(ds, 50).load_state_dict({**state, "step": 10_000})
+
+
+def test_set_epoch_keeps_a_resumed_position_and_done_epochs_roll_over(ds: hpstore.Dataset) -> None:
+    loader = Loader(ds, 100, fields=["label"], with_index=True)
+    loader.set_epoch(3)
+    it = iter(loader)
+    head = [next(it)["index"] for _ in range(4)]
+    state = loader.state_dict()
+    assert (state["epoch"], state["step"]) == (3, 4)
+    resumed = Loader(ds, 100, fields=["label"], with_index=True)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(3)  # the usual "set_epoch at the top of the loop" keeps the position
+    rest = [b["index"] for b in resumed]
+    assert len(head) + len(rest) == len(loader)
+    assert resumed.state_dict()["epoch"] == 4 and resumed.state_dict()["step"] == 0
+    assert torch.equal(torch.sort(torch.cat(head + rest)).values, torch.arange(N))
+
+
+def test_only_requested_fields_are_read(tmp_path: Path, data: dict[str, Any]) -> None:
+    ds = write(tmp_path / "s", data)
+    few = hpstore.open(ds.store.url).split("train")
+    loader = Loader(few, 64, fields=["label"])
+    batches = list(loader)
+    everything = hpstore.open(ds.store.url).split("train")
+    list(Loader(everything, 64))
+    assert set(batches[0]) == {"label"}
+    label_bytes = sum(o.size for k, o in few.store.manifest.objects.items() if "/label/c/" in k)
+    assert loader.stats["bytes_read"] <= label_bytes  # the chunks asked for: labels only, each once
+    # What the storage saw (coalesced neighbours included): a small fraction of reading everything.
+    assert few.store.stats["bytes_read"] * 5 < everything.store.stats["bytes_read"]
+    with pytest.raises(InputError, match="no field 'nope'"):
+        Loader(few, 64, fields=["nope"])
+
+
+def test_cache_holding_half_the_data_hits_half_from_the_second_epoch(tmp_path: Path) -> None:
+    cols = {"x": np.arange(20_000 * 8, dtype=np.int64).reshape(20_000, 8)}
+    ds = write(tmp_path / "s", cols, Layout(chunk_bytes=8192, shard_bytes=65536, workers=1, writers=1))
+    decoded = ds.spec.num_samples * 64
+    loader = Loader(ds, 128, cache_bytes=decoded // 2, num_workers=2, shuffle_window=4)
+    list(loader)
+    whole = loader.stats["bytes_read"]  # the first epoch reads everything once
+    for _ in range(3):
+        before = loader.stats
+        list(loader)
+        after = loader.stats
+        hits = after["chunk_hits"] - before["chunk_hits"]
+        misses = after["chunk_misses"] - before["chunk_misses"]
+        assert hits / (hits + misses) >= 0.45
+        assert after["bytes_read"] - before["bytes_read"] < 0.6 * whole
+    assert loader.stats["cache_peak_bytes"] <= decoded // 2
+    assert loader.stats["evictions"] > 0
+
+
+def _threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("hpstore-prefetch")}
+
+
+def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(tmp_path: Path, data: dict[str, Any]) -> None:
+    ds = write(tmp_path / "s", data)
+    loader = Loader(ds, 32, fields=["image"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 14)
+    it = iter(loader)
+    next(it)
+    shards = sorted((tmp_path / "s").rglob("image/c/*/0/0"))
+    for shard in shards:  # flip a byte in the first chunk of every shard: later windows must fail
+        raw = bytearray(shard.read_bytes())
+        raw[3] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    with pytest.raises(CorruptObjectError, match=r"image/c/\d+/0/0: checksum mismatch"):
+        for _ in it:
+            pass
+    assert not _threads()
+
+
+def test_a_vanished_object_raises_instead_of_short_batches(tmp_path: Path, data: dict[str, Any]) -> None:
+    ds = write(tmp_path / "s", data)
+    loader = Loader(ds, 32, fields=["label", "blob"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 12)
+    it = iter(loader)
+    delivered = len(next(it)["label"])
+    for part in (tmp_path / "s").rglob("blob/*.arrow"):
+        os.unlink(part)
+    with pytest.raises(ObjectNotFoundError, match="no such object"):
+        for b in it:
+            assert len(b["label"]) == len(b["blob"]) == 32
+            delivered += 32
+    assert delivered < N
+    assert not _threads()
+
+
+def test_abandoned_iterations_leave_no_threads_and_no_growth(ds: hpstore.Dataset) -> None:
+    loader = Loader(ds, 32, fields=["image", "label"], num_workers=3, prefetch_bytes=1 << 12)
+    for _ in range(5):
+        it = iter(loader)
+        next(it)
+        del it  # the last reference: the iterator is collected and stops its threads
+        assert not _threads()
+    list(loader)
+    allocated = loader.buffers.allocated
+    for _ in range(3):
+        list(loader)
+    assert loader.buffers.allocated == allocated  # window buffers are recycled, not reallocated
+    it = iter(loader)
+    next(it)
+    iter(loader)  # a new iteration stops the old one's threads
+    assert len(_threads()) <= 3
+
+
+def test_bad_arguments_fail_clearly(ds: hpstore.Dataset) -> None:
+    with pytest.raises(InputError, match="batch_size"):
+        Loader(ds, 0)
+    with pytest.raises(InputError, match="rank 2 is out of range"):
+        Loader(ds, 8, rank=2, world_size=2)
+    with pytest.raises(InputError, match="num_workers"):
+        Loader(ds, 8, num_workers=-1)
+    with pytest.raises(InputError, match="epoch"):
+        Loader(ds, 8).set_epoch(-1)

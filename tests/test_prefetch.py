@@ -1,0 +1,75 @@
+"""The prefetcher: order, byte budget, errors surfacing in the consumer, clean shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from hpstore.prefetch import Prefetcher
+
+
+class Jobs:
+    """Jobs that record how much work is in flight at once."""
+
+    def __init__(self, fail_at: int | None = None, delay: float = 0.002) -> None:
+        self.fail_at = fail_at
+        self.delay = delay
+        self.running = 0
+        self.peak = 0
+        self.started: list[int] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, i: int) -> int:
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+            self.started.append(i)
+        time.sleep(self.delay)
+        with self.lock:
+            self.running -= 1
+        if i == self.fail_at:
+            raise ValueError(f"job {i} failed")
+        return i * i
+
+
+@pytest.mark.parametrize("workers", [0, 1, 3])
+def test_results_come_in_order_within_the_budget(workers: int) -> None:
+    jobs = Jobs()
+    p = Prefetcher(range(40), jobs, workers=workers, budget_bytes=300, cost=lambda i: 100)
+    assert list(p) == [i * i for i in range(40)]
+    assert p.stats.jobs == 40
+    assert p.stats.peak_inflight_bytes <= 300
+    assert sorted(jobs.started) == list(range(40))
+    p.close()
+    assert p.alive_threads == 0
+
+
+def test_a_job_larger_than_the_budget_still_runs_alone() -> None:
+    p = Prefetcher(range(5), Jobs(), workers=2, budget_bytes=10, cost=lambda i: 1000)
+    assert list(p) == [0, 1, 4, 9, 16]
+    assert p.stats.peak_inflight_bytes == 1000
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_error_reraises_at_its_job_and_nothing_hangs(workers: int) -> None:
+    p = Prefetcher(range(30), Jobs(fail_at=7), workers=workers, budget_bytes=500, cost=lambda i: 100)
+    got = []
+    with pytest.raises(ValueError, match="job 7 failed"):
+        for v in p:
+            got.append(v)
+    assert got == [i * i for i in range(7)]
+    p.close()
+    assert p.alive_threads == 0
+
+
+def test_close_mid_stream_joins_threads_and_drops_results() -> None:
+    jobs = Jobs(delay=0.01)
+    p = Prefetcher(range(1000), jobs, workers=3, budget_bytes=400, cost=lambda i: 100)
+    assert next(p) == 0
+    p.close()
+    assert p.alive_threads == 0
+    assert len(jobs.started) < 20  # the budget stopped it from running far ahead
+    with pytest.raises(RuntimeError, match="closed"):
+        next(p)
