@@ -36,6 +36,9 @@ Semantics worth knowing:
   ``hpstore.batch``. ``with_index=True`` adds ``index``, the global sample index of each row.
 - Memory: decoded chunks up to ``cache_bytes``, plus windows in flight up to ``prefetch_bytes`` (at
   least one window per worker), plus the window being consumed.
+- ``cache_dir`` adds a local-disk tier below the RAM cache for remote stores: raw chunk bytes, at
+  most ``cache_disk_bytes``, verified before use, kept across restarts, shareable by processes, and
+  evicted by the same plan (``hpstore.disk_cache``).
 - Errors from background work (a corrupt chunk names its object; a vanished object) re-raise in the
   consumer at the batch that needed it; the position stays at the last batch delivered.
 """
@@ -53,9 +56,10 @@ import numpy as np
 
 from hpstore import batch as batching
 from hpstore.buffers import BufferPool
-from hpstore.cache import ChunkCache, FurthestUsePolicy
+from hpstore.cache import ChunkCache, FurthestUsePolicy, Policy
 from hpstore.chunks import Chunk
 from hpstore.dataset import Dataset
+from hpstore.disk_cache import ChunkDiskCache
 from hpstore.errors import InputError
 from hpstore.manifest import FieldSpec
 from hpstore.plan import EpochPlan, PlanSpec
@@ -63,6 +67,7 @@ from hpstore.prefetch import Prefetcher
 
 DEFAULT_PREFETCH_BYTES = 256 << 20
 DEFAULT_CACHE_BYTES = 512 << 20
+DEFAULT_CACHE_DISK_BYTES = 16 << 30
 DEFAULT_SHUFFLE_WINDOW = 16
 STATE_VERSION = 1
 PLAN_KEYS = ("num_samples", "chunk_rows", "batch_size", "world_size", "seed", "shuffle", "drop_last")
@@ -137,6 +142,8 @@ class Loader:
         with_index: bool = False,
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         pin_memory: bool | None = None,
+        cache_dir: str | None = None,
+        cache_disk_bytes: int = DEFAULT_CACHE_DISK_BYTES,
     ) -> None:
         for name, value in (("num_workers", num_workers), ("prefetch_bytes", prefetch_bytes)):
             if value < 0:
@@ -170,7 +177,15 @@ class Loader:
         self.buffers = BufferPool(pin=self.pin_memory, limit=num_workers + 3)
         self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
         self._io = LoaderStats()
-        self.cache = ChunkCache(cache_bytes, self._fetch, policy=FurthestUsePolicy())
+        # Optional local-disk tier under the RAM cache (``hpstore.disk_cache``): raw chunk bytes,
+        # evicted with the same plan, which it follows through the RAM cache's policy.
+        policy: Policy = FurthestUsePolicy()
+        self.disk_cache: ChunkDiskCache | None = None
+        if cache_dir is not None:
+            paths = {name: f.path for name, f in ds.spec.fields.items()}
+            self.disk_cache = ChunkDiskCache(ds.store.url, paths, cache_dir, cache_disk_bytes)
+            policy = self.disk_cache.follow(policy)
+        self.cache = ChunkCache(cache_bytes, self._fetch, policy=policy)
         self._epoch = 0
         self._step = 0
         self._run: weakref.ref[_Run] | None = None
@@ -242,6 +257,8 @@ class Loader:
             cache_resident_bytes=c.resident_bytes,
             cache_peak_bytes=c.peak_resident_bytes,
         )
+        if self.disk_cache is not None:
+            out.update({f"disk_{k}": v for k, v in self.disk_cache.stats.as_dict().items()})
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -275,7 +292,7 @@ class Loader:
         ranges = []
         for name, cid in keys:
             ranges.extend(reader.ranges(name, [cid]))
-        raws = reader.fetch(ranges)
+        raws = self.disk_cache.fetch(keys, ranges, reader.fetch) if self.disk_cache else reader.fetch(ranges)
         t1 = time.perf_counter()
         out = [reader.decode(name, cid, raw) for (name, cid), raw in zip(keys, raws, strict=True)]
         self._io.add(
