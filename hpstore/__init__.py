@@ -14,7 +14,6 @@ from hpstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
-from hpstore.loader import Loader
 
 __all__ = [
     "CheckpointError",
@@ -36,6 +35,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from hpstore.checkpoint import Checkpointer
+    from hpstore.loader import Loader
 
 
 def __getattr__(name: str) -> Any:
@@ -44,4 +44,8 @@ def __getattr__(name: str) -> Any:
         from hpstore.checkpoint import Checkpointer
 
         return Checkpointer
+    if name == "Loader":
+        from hpstore.loader import Loader
+
+        return Loader
     raise AttributeError(f"module 'hpstore' has no attribute {name!r}")
