@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,7 @@ KEEP_WITHIN = 0.05
 SHAPE = (28, 28)
 BLOCK_ROWS = 20_000
 THREAD_PARAMS = ("threads", "num_threads", "io_threads", "read_threads")
+FULL_READ_REPEATS = 5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,7 +75,7 @@ QUICK = Grid(
     depths=(1, 4, 16),
 )
 FULL = Grid(
-    samples=1_280_000,
+    samples=640_000,
     chunk_bytes=(64 * KiB, 256 * KiB, 1 * MiB, 4 * MiB, 16 * MiB),
     shard_bytes=(16 * MiB, 64 * MiB, 256 * MiB),
     codecs=(NONE, ZSTD1, ZSTD3, LZ4),
@@ -105,14 +107,17 @@ class Sweep:
         self.source_bytes = sum(a.nbytes for b in self.blocks for a in b.values())
         self.loader = _loader_class()
         self.current = current_defaults(self.loader)
+        # Reads are cheap next to builds, and the decisions are close calls on a shared machine.
+        self.repeats = cfg.repeats if cfg.quick else max(cfg.repeats, FULL_READ_REPEATS)
+        self.reader = "chunk pipeline"
 
     # -- measurements ------------------------------------------------------------------------------
 
-    def build(self, layout: Layout) -> tuple[float, int]:
-        """Write the dataset with ``layout``: (seconds, stored bytes)."""
-        shutil.rmtree(self.root, ignore_errors=True)
+    def build(self, root: Path, layout: Layout) -> tuple[float, int]:
+        """Write the dataset with ``layout`` under ``root``: (seconds, stored bytes)."""
+        shutil.rmtree(root, ignore_errors=True)
         t0 = time.perf_counter()
-        with StoreWriter(LocalStorage(str(self.root)), layout=layout, overwrite=True) as w:
+        with StoreWriter(LocalStorage(str(root)), layout=layout, overwrite=True) as w:
             sw = w.split("train")
             for block in self.blocks:
                 sw.append(block)
@@ -121,16 +126,28 @@ class Sweep:
         took = time.perf_counter() - t0
         return took, sum(o.size for o in manifest.objects.values())
 
-    def read(self, threads: int, depth: int, seed: int) -> tuple[float, str]:
+    def read(self, root: Path, threads: int, depth: int, seed: int) -> tuple[float, str]:
         """One shuffled epoch from a cold page cache: (samples/s, reader used)."""
-        drop_page_cache([self.root])
-        ds = hpstore.open(str(self.root)).split("train")
+        drop_page_cache([root])
+        ds = hpstore.open(str(root)).split("train")
         t0 = time.perf_counter()
         reader = self._loader_epoch(ds, threads, depth, seed) if self.loader else None
         if reader is None:
             _pipeline_epoch(ds, threads=threads, depth=depth, seed=seed)
             reader = "chunk pipeline"
+        self.reader = reader
         return len(ds) / (time.perf_counter() - t0), reader
+
+    def interleaved(
+        self, labels: list[str], measure: Callable[[str, int], float], repeats: int | None = None
+    ) -> dict[str, list[float]]:
+        """``repeats`` rounds over all candidates, each round in a rotated order, so a change in the
+        machine's background load during the sweep hits every candidate alike."""
+        out: dict[str, list[float]] = {k: [] for k in labels}
+        for i in range(repeats or self.repeats):
+            for label in labels[i % len(labels) :] + labels[: i % len(labels)]:
+                out[label].append(measure(label, i))
+        return out
 
     def _loader_epoch(self, ds: hpstore.Dataset, threads: int, depth: int, seed: int) -> str | None:
         params = inspect.signature(self.loader).parameters if self.loader else {}
@@ -149,53 +166,66 @@ class Sweep:
     # -- the six decisions -------------------------------------------------------------------------
 
     def run(self) -> list[Figure]:
-        g, cur = self.grid, self.current
+        g = self.grid
         layout = Layout()
         figs: list[Figure] = []
-        best = self._decide_layout("chunk_bytes", g.chunk_bytes, layout, figs)
-        layout = replace(layout, chunk_bytes=best)
-        shards = tuple(s for s in g.shard_bytes if s >= layout.chunk_bytes)
-        layout = replace(layout, shard_bytes=self._decide_layout("shard_bytes", shards, layout, figs))
-        layout = replace(layout, codec=self._decide_layout("codec", g.codecs, layout, figs))
-        layout = replace(layout, workers=self._decide_workers(layout, figs))
-        self.build(layout)
-        threads = self._decide_read("threads", g.threads, lambda t: (t, g.start_depth), figs)
-        self._decide_read("prefetch_depth", g.depths, lambda d: (threads, d), figs)
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.progress(f"chosen layout: {layout}; read threads {threads}; current: {cur}")
+        try:
+            layout = replace(
+                layout, chunk_bytes=self._decide_layout("chunk_bytes", g.chunk_bytes, layout, figs)
+            )
+            shards = tuple(s for s in g.shard_bytes if s >= layout.chunk_bytes)
+            layout = replace(layout, shard_bytes=self._decide_layout("shard_bytes", shards, layout, figs))
+            layout = replace(layout, codec=self._decide_layout("codec", g.codecs, layout, figs))
+            layout = replace(layout, workers=self._decide_workers(layout, figs))
+            self.build(self.root / "final", layout)
+            threads = self._decide_read("threads", g.threads, lambda t: (t, g.start_depth), figs)
+            self._decide_read("prefetch_depth", g.depths, lambda d: (threads, d), figs)
+        finally:
+            shutil.rmtree(self.root, ignore_errors=True)
+        self.progress(f"chosen layout: {layout}; read threads {threads}")
         return figs
 
     def _decide_layout(self, param: str, values: tuple[Any, ...], base: Layout, figs: list[Figure]) -> Any:
-        results: dict[str, tuple[Any, list[float], dict[str, Any]]] = {}
-        for v in values:
-            layout = replace(base, **{param: v})
+        """One store per candidate value (kept until all are measured), read in interleaved rounds."""
+        stores: dict[str, tuple[Any, Path, int]] = {}
+        for i, v in enumerate(values):
             self.progress(f"{param} = {_label(v)}: writing")
-            _, stored = self.build(layout)
-            runs = [
-                self.read(self.grid.start_threads, self.grid.start_depth, seed=i)
-                for i in range(self.cfg.repeats)
-            ]
-            extra = {"reader": runs[0][1], "stored_bytes": stored, "ratio_stored": stored / self.source_bytes}
-            results[_label(v)] = (v, [r[0] for r in runs], extra)
+            root = self.root / f"{param}-{i}"
+            stores[_label(v)] = (v, root, self.build(root, replace(base, **{param: v}))[1])
+        self.progress(f"{param}: {self.repeats} cold reads of each of {len(values)} stores")
+        t, d = self.grid.start_threads, self.grid.start_depth
+        runs = self.interleaved(list(stores), lambda k, i: self.read(stores[k][1], t, d, seed=i)[0])
+        results = {
+            k: (v, runs[k], {"reader": self.reader, "stored_bytes": n, "ratio_stored": n / self.source_bytes})
+            for k, (v, _, n) in stores.items()
+        }
+        for _, root, _ in stores.values():
+            shutil.rmtree(root, ignore_errors=True)
         plot = {"chunk_bytes": "chunk_size"}.get(param)
         return self._choose(param, results, figs, "samples/s", "cold shuffled read", plot)
 
     def _decide_workers(self, layout: Layout, figs: list[Figure]) -> int:
-        results: dict[str, tuple[Any, list[float], dict[str, Any]]] = {}
-        for w in self.grid.workers:
-            self.progress(f"workers = {w}: writing ×{self.cfg.repeats}")
-            secs = [self.build(replace(layout, workers=w))[0] for _ in range(self.cfg.repeats)]
-            results[str(w)] = (w, [self.source_bytes / 1e6 / s for s in secs], {})
+        self.progress(f"workers: {self.cfg.repeats} writes with each of {self.grid.workers}")
+        root = self.root / "workers"
+        runs = self.interleaved(
+            [str(w) for w in self.grid.workers],
+            lambda k, _: self.source_bytes / 1e6 / self.build(root, replace(layout, workers=int(k)))[0],
+            repeats=self.cfg.repeats,
+        )
+        results: dict[str, tuple[Any, list[float], dict[str, Any]]] = {
+            k: (int(k), v, {}) for k, v in runs.items()
+        }
         return int(self._choose("workers", results, figs, "MB/s", "write (MB/s of source)", None))
 
     def _decide_read(
         self, param: str, values: tuple[int, ...], knobs: Callable[[int], tuple[int, int]], figs: list[Figure]
     ) -> int:
-        results: dict[str, tuple[Any, list[float], dict[str, Any]]] = {}
-        for v in values:
-            self.progress(f"{param} = {v}: reading")
-            runs = [self.read(*knobs(v), seed=i) for i in range(self.cfg.repeats)]
-            results[str(v)] = (v, [r[0] for r in runs], {"reader": runs[0][1]})
+        self.progress(f"{param}: {self.repeats} cold reads with each of {values}")
+        root = self.root / "final"
+        runs = self.interleaved(
+            [str(v) for v in values], lambda k, i: self.read(root, *knobs(int(k)), seed=i)[0]
+        )
+        results = {k: (int(k), v, {"reader": self.reader}) for k, v in runs.items()}
         plot = "prefetch" if param == "prefetch_depth" else None
         return int(self._choose(param, results, figs, "samples/s", "cold shuffled read", plot))
 
@@ -274,7 +304,15 @@ def _label(v: Any) -> str:
 
 
 def _loader_class() -> Any:
-    return getattr(hpstore, "Loader", None)
+    """``hpstore.Loader`` (or ``hpstore.loader.Loader`` before it is exported), or None."""
+    loader = getattr(hpstore, "Loader", None)
+    if loader is None:
+        try:
+            from hpstore import loader as module  # type: ignore[attr-defined,unused-ignore]
+        except ImportError:
+            return None
+        loader = getattr(module, "Loader", None)
+    return loader
 
 
 def current_defaults(loader: Any) -> dict[str, Any]:

@@ -413,7 +413,17 @@ def test_tiny_sweep_measures_every_knob_and_names_a_default_for_each(tmp_path: P
         start_depth=2,
     )
     cfg = BenchConfig(quick=True, data_dir=tmp_path, out_dir=tmp_path, repeats=1)
-    figs = sweep.Sweep(cfg, lambda msg: None, grid).run()
+    sw = sweep.Sweep(cfg, lambda msg: None, grid)
+    seen: list[tuple[str, int]] = []
+
+    def measure(label: str, i: int) -> float:
+        seen.append((label, i))
+        return float(i)
+
+    got = sw.interleaved(["a", "b", "c"], measure, repeats=3)
+    assert [k for k, _ in seen] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated rounds
+    assert got == {"a": [0.0, 1.0, 2.0], "b": [0.0, 1.0, 2.0], "c": [0.0, 1.0, 2.0]}
+    figs = sw.run()
     params = [f.extra["param"] for f in figs]
     assert params.count("chunk_bytes") == 2 and params.count("prefetch_depth") == 2
     defaults = report.defaults_rows(figs)
