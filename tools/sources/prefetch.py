@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -23,7 +23,7 @@ class _Failed:
         self.exc = exc
 
 
-def prefetched(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+def prefetched(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
     """Yield what ``items`` yields, produced up to ``depth`` items ahead on a daemon thread."""
     q: queue.Queue[object] = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
