@@ -202,7 +202,7 @@ def _array_spec(index: int, leaf: Leaf, path: Path, chunk_bytes: int) -> ArraySp
         if leaf.device.type == "meta":
             raise CheckpointError(f"{where}: cannot save a tensor on the meta device (it holds no data)")
         kind, dtype, itemsize = "tensor", str(leaf.dtype).removeprefix("torch."), leaf.dtype.itemsize
-        if itemsize not in BITS_DTYPES:
+        if dtype not in ZARR_CORE_DTYPES and itemsize not in BITS_DTYPES:
             raise CheckpointError(f"{where}: cannot save dtype {leaf.dtype}")
     else:
         if leaf.dtype.name not in ZARR_CORE_DTYPES:

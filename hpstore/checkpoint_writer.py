@@ -8,6 +8,7 @@ leaves only unreferenced objects, which a later save of the same step or retenti
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -27,6 +28,8 @@ from hpstore.manifest import ObjectEntry
 from hpstore.staging import Snapshot
 from hpstore.storage import Storage
 from hpstore.threads import run_parallel
+
+log = logging.getLogger(__name__)
 
 Payload = bytes | tuple[int, ChunkSpec]
 """An object to write: small documents as bytes, chunks as (array index, chunk) into the snapshot."""
@@ -63,10 +66,34 @@ def write_checkpoint(
         st.write(key, data if isinstance(data, bytes) else data.data)
         return key, entry
 
-    objects = dict(run_parallel(put, jobs, workers, name="hpstore-ckpt-write"))
+    try:
+        objects = dict(run_parallel(put, jobs, workers, name="hpstore-ckpt-write"))
+    except BaseException:
+        _discard(storage, step, gen)
+        raise
     manifest = CheckpointManifest(step=step, generation=gen, arrays=tuple(specs), objects=objects)
+    # No clean-up if this fails: on an object store a failed request may still have landed.
     st.write(MANIFEST_KEY, manifest.to_json().encode())
     return manifest
+
+
+def _discard(storage: Storage, step: int, gen: str) -> None:
+    """Best effort: free the space of a save that failed (it matters most on a full disk): its
+    generation, or the whole prefix when the step has no committed checkpoint."""
+    prefix = step_prefix(step)
+    try:
+        committed = storage.exists(f"{prefix}/{MANIFEST_KEY}")
+        storage.delete_prefix(f"{prefix}/{gen}" if committed else prefix)
+    except Exception as exc:  # the original error is the one to report
+        log.warning("%s/%s: could not remove the objects of a failed save: %s", storage.url, prefix, exc)
+
+
+def prune_generations(storage: Storage, step: int, keep: str) -> None:
+    """Delete what earlier or interrupted saves of ``step`` left beside generation ``keep``."""
+    st = storage.child(step_prefix(step))
+    stale = {k.split("/", 1)[0] for k in st.list() if "/" in k} - {keep}
+    for name in sorted(stale):
+        st.delete_prefix(name)
 
 
 def _chunk_bytes(snap: Snapshot, index: int, c: ChunkSpec) -> np.ndarray:
@@ -76,11 +103,3 @@ def _chunk_bytes(snap: Snapshot, index: int, c: ChunkSpec) -> np.ndarray:
     padded = np.zeros(c.stored, dtype=np.uint8)  # Zarr stores edge chunks full-size
     padded[: c.nbytes] = view
     return padded
-
-
-def prune_generations(storage: Storage, step: int, keep: str) -> None:
-    """Delete what earlier or interrupted saves of ``step`` left beside generation ``keep``."""
-    st = storage.child(step_prefix(step))
-    stale = {k.split("/", 1)[0] for k in st.list() if "/" in k} - {keep}
-    for name in sorted(stale):
-        st.delete_prefix(name)

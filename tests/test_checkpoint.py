@@ -1,0 +1,324 @@
+"""Checkpointer end to end on real files (and memory://): round trips, formats, safety, retention."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+import hpstore
+from hpstore.checkpoint import Checkpointer, CheckpointLayout
+from hpstore.checkpoint_plan import step_prefix
+from hpstore.checksum import crc32c_hex
+from hpstore.errors import CheckpointError, InputError
+from tests.support.ckpt import assert_same, training_state
+
+SMALL = CheckpointLayout(chunk_bytes=4096, workers=4)  # many chunks, padded edges, parallel writes
+
+
+def manifest_of(root: Path, step: int) -> dict[str, Any]:
+    return dict(json.loads((root / step_prefix(step) / "manifest.json").read_text()))
+
+
+def test_round_trip_of_a_real_training_state(tmp_path: Path) -> None:
+    state = training_state()
+    with Checkpointer(str(tmp_path), layout=SMALL) as ck:
+        ck.save(2, state)
+        ck.wait()
+        loaded = ck.load()
+    assert_same(state, loaded)
+
+    # The loaded state drives a fresh model, optimizer, scheduler and RNGs to the same next step.
+    torch.manual_seed(99)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(144, 16)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=1.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    model.load_state_dict(loaded["model"])
+    opt.load_state_dict(loaded["optimizer"])
+    sched.load_state_dict(loaded["scheduler"])
+    assert opt.param_groups[0]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
+    assert sched.last_epoch == 2
+    torch.set_rng_state(loaded["rng"]["torch"])
+    np.random.set_state(loaded["rng"]["numpy"])
+    random.setstate(loaded["rng"]["python"])
+    draws = (torch.rand(3), np.random.rand(3), random.random())
+    torch.set_rng_state(state["rng"]["torch"])
+    np.random.set_state(state["rng"]["numpy"])
+    random.setstate(state["rng"]["python"])
+    assert torch.equal(draws[0], torch.rand(3)) and (draws[1] == np.random.rand(3)).all()
+    assert draws[2] == random.random()
+
+
+def all_dtypes() -> list[torch.dtype]:
+    names = "bool uint8 int8 int16 int32 int64 uint16 uint32 uint64 float16 bfloat16 float32 float64"
+    names += " complex64 complex128 float8_e4m3fn float8_e5m2"
+    return [getattr(torch, n) for n in names.split() if hasattr(torch, n)]
+
+
+def tensor_of(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    raw = torch.randint(0, 256, (max(1, int(np.prod(shape))) * dtype.itemsize,), dtype=torch.uint8,
+                        generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    if dtype == torch.bool:
+        raw = raw % 2
+    return raw.view(dtype)[: int(np.prod(shape))].reshape(shape)
+
+
+def test_every_dtype_and_shape_round_trips_bit_for_bit(tmp_path: Path) -> None:
+    shapes = [(), (0,), (0, 3), (7,), (3, 4, 5), (2, 3000)]  # (2, 3000): chunks split rows, padded
+    state: dict[str, Any] = {}
+    for i, dtype in enumerate(all_dtypes()):
+        state[str(dtype)] = [tensor_of(dtype, s, seed=i * 10 + j) for j, s in enumerate(shapes)]
+    state["noncontiguous"] = torch.arange(24.0).reshape(4, 6).t()[1:, ::2]
+    state["bf16_nan_payloads"] = (
+        torch.tensor([0x7FC1, 0xFF81, 0x7F80, 0x0001], dtype=torch.int32)
+        .to(torch.uint16)
+        .view(torch.bfloat16)
+    )
+    state["numpy"] = {
+        "f4": np.arange(5, dtype=np.float32),
+        "big_endian": np.arange(6, dtype=">i4").reshape(2, 3),
+        "bool0d": np.array(True),
+        "c16": np.array([1 + 2j]),
+        "empty": np.zeros((0, 2), np.uint16),
+    }
+    ck = Checkpointer(str(tmp_path), layout=SMALL)
+    ck.save(0, state)
+    ck.wait()
+    loaded = ck.load(0)
+    expected = dict(state)
+    expected["noncontiguous"] = state["noncontiguous"].contiguous()
+    expected["numpy"] = dict(state["numpy"], big_endian=state["numpy"]["big_endian"].astype("<i4"))
+    assert_same(expected, loaded)
+    assert loaded["numpy"]["big_endian"].tolist() == [[0, 1, 2], [3, 4, 5]]
+
+
+def test_plain_zarr_reads_every_saved_tensor(tmp_path: Path) -> None:
+    state = {
+        "bf16": torch.randn(3, 2000).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "ints": torch.arange(5000, dtype=torch.int64).reshape(50, 100),
+        "flags": torch.tensor([True, False, True]),
+    }
+    ck = Checkpointer(str(tmp_path), layout=SMALL)
+    ck.save(5, state)
+    ck.wait()
+    man = manifest_of(tmp_path, 5)
+    assert len(man["arrays"]) == len(state)
+    for a in man["arrays"]:
+        z = zarr.open_array(str(tmp_path / step_prefix(5) / man["generation"] / a["key"]), mode="r")
+        original = state[a["name"]]
+        assert z.shape == tuple(original.shape)
+        assert z.attrs["hpstore"]["dtype"] == str(original.dtype).removeprefix("torch.")
+        data = torch.from_numpy(np.array(z[...]))
+        if original.dtype == torch.bfloat16:
+            assert z.dtype == np.uint16  # raw bits: Zarr v3 has no bfloat16
+            data = data.view(torch.bfloat16)
+        assert torch.equal(data, original), a["name"]
+    group = zarr.open_group(str(tmp_path / step_prefix(5) / man["generation"]), mode="r")
+    assert group.attrs["hpstore"]["step"] == 5
+
+
+def test_saved_values_are_those_of_the_save_call(tmp_path: Path) -> None:
+    weights = torch.randn(256, 1024)  # 1 MiB: still being written when the mutations start
+    history = [1, 2, 3]
+    expected = (weights.clone(), list(history))
+    ck = Checkpointer(str(tmp_path), layout=SMALL)
+    ck.save(1, {"w": weights, "history": history, "nested": {"w": weights[0]}})
+    for _ in range(20):  # training goes on, in place, while the writer runs
+        weights.add_(1.0)
+        weights[0].zero_()
+    history.append(4)
+    ck.wait()
+    loaded = ck.load(1)
+    assert torch.equal(loaded["w"], expected[0])
+    assert torch.equal(loaded["nested"]["w"], expected[0][0])
+    assert loaded["history"] == expected[1]
+
+
+class Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: the proof that something unpickled it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> Any:
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_planted_pickle_payloads_are_never_unpickled(tmp_path: Path) -> None:
+    root = tmp_path / "ckpt"
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Payload(marker))
+    ck = Checkpointer(str(root))
+    state = {"rng": torch.get_rng_state(), "w": torch.randn(10, 10), "note": "x"}
+    for step in (1, 2, 3):
+        ck.save(step, state)
+    ck.wait()
+
+    def paths(step: int) -> tuple[Path, dict[str, Any], dict[str, str]]:
+        man = manifest_of(root, step)
+        gen_dir = root / step_prefix(step) / man["generation"]
+        return gen_dir, man, {a["name"]: a["key"] for a in man["arrays"]}
+
+    def forge(step: int, man: dict[str, Any], key: str, data: bytes) -> None:
+        """An attacker who rewrites the manifest too, so sizes and checksums match."""
+        (root / step_prefix(step) / key).write_bytes(data)
+        man["objects"][key] = {"size": len(data), "crc32c": crc32c_hex(data)}
+        (root / step_prefix(step) / "manifest.json").write_text(json.dumps(man))
+
+    # 1. A tensor's chunk replaced by a pickle; pickle files planted where torch.load would look.
+    gen_dir, man, keys = paths(1)
+    (gen_dir / keys["w"] / "c" / "0" / "0").write_bytes(payload)
+    for name in ("data.pkl", f"{keys['w']}/data.pkl", "archive/data.pkl"):
+        (gen_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (gen_dir / name).write_bytes(payload)
+    with pytest.raises(CheckpointError, match="array 'w'"):
+        ck.load(1)
+
+    # 2. The tree replaced by a pickle, checksums forged: refused as JSON, never unpickled.
+    gen_dir, man, keys = paths(2)
+    forge(2, man, f"{man['generation']}/tree.json", payload)
+    with pytest.raises(CheckpointError, match=r"tree\.json: not valid JSON"):
+        ck.load(2)
+
+    # 3. A uint8 tensor's bytes replaced by a pickle, checksums forged: it loads, as bytes.
+    gen_dir, man, keys = paths(3)
+    chunk = f"{man['generation']}/{keys['rng']}/c/0"
+    forged = payload.ljust(man["objects"][chunk]["size"], b"\x00")
+    forge(3, man, chunk, forged)
+    assert bytes(ck.load(3)["rng"].numpy()) == forged
+
+    assert not marker.exists()
+    pickle.loads(payload)  # the payload is live: unpickling it does create the marker
+    assert marker.exists()
+
+
+def test_checkpoint_code_has_no_pickle_path() -> None:
+    sources = Path(hpstore.__file__).parent.glob("checkpoint*.py")
+    for path in sources:
+        text = path.read_text()
+        for needle in ("import pickle", "torch.load", "allow_pickle=True", "np.load("):
+            assert needle not in text, f"{path.name} mentions {needle}"
+
+
+def test_retention_keeps_newest_and_resave_replaces(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path), keep=2)
+    for step in range(1, 6):
+        ck.save(step, {"v": torch.tensor(step)})
+    ck.wait()
+    assert ck.steps() == [4, 5] and ck.latest() == 5
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(4), step_prefix(5)]
+
+    ck.save(5, {"v": torch.tensor(50)})  # the same step again: replaced, old generation removed
+    ck.wait()
+    assert ck.load(5)["v"].item() == 50
+    assert len([p for p in (tmp_path / step_prefix(5)).iterdir() if p.is_dir()]) == 1
+
+    ck.save(3, {"v": torch.tensor(3)})  # an older step: kept (just written) beside the newest 2
+    ck.wait()
+    assert ck.steps() == [3, 4, 5]
+    ck.save(6, {"v": torch.tensor(6)})
+    ck.wait()
+    assert ck.steps() == [5, 6]
+
+
+def test_keep_below_one_is_an_error(tmp_path: Path) -> None:
+    for keep in (0, -1):
+        with pytest.raises(InputError, match="keep must be an integer of at least 1"):
+            Checkpointer(str(tmp_path), keep=keep)
+
+
+def test_incomplete_checkpoints_are_ignored_then_removed(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path))
+    ck.save(1, {"v": torch.tensor(1)})
+    ck.wait()
+    leftover = tmp_path / step_prefix(2) / "data-0123456789ab" / "00000-v"
+    leftover.mkdir(parents=True)
+    (leftover / "zarr.json").write_text("{}")
+    assert ck.steps() == [1] and ck.latest() == 1
+    assert ck.load()["v"].item() == 1
+    ck.save(3, {"v": torch.tensor(3)})
+    ck.wait()
+    assert not (tmp_path / step_prefix(2)).exists()
+    assert ck.steps() == [1, 3]
+
+
+def test_stats_count_the_wait_for_the_previous_save_separately(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path), layout=SMALL)
+    state = {"w": torch.randn(512, 512)}
+    ck.save(1, state)
+    ck.save(2, state)  # waits for step 1 first
+    ck.wait()
+    first, second = ck.stats
+    assert (first.step, second.step) == (1, 2)
+    for s in (first, second):
+        assert s.bytes == 512 * 512 * 4 and s.arrays == 1 and not s.failed
+        assert s.persist_s is not None and s.persist_s > 0 and s.throughput is not None
+        assert s.stall_s == pytest.approx(s.wait_s + s.snapshot_s)
+        assert s.objects == 3 + 1 + 256  # group x2, tree, array zarr.json, 1 MiB in 4 KiB chunks
+    assert second.wait_s > 0
+    assert set(second.as_dict()) >= {"stall_s", "wait_s", "persist_s", "bytes", "throughput"}
+
+
+def test_memory_url_round_trip_and_retention() -> None:
+    url = f"memory://ckpt-{uuid.uuid4().hex}"
+    state = training_state(seed=1)
+    ck = Checkpointer(url, keep=2, layout=SMALL)
+    for step in (1, 2, 3):
+        ck.save(step, state)
+    ck.wait()
+    assert ck.steps() == [2, 3]
+    assert_same(state, ck.load())
+    assert Checkpointer(url).latest() == 3
+
+
+def test_clear_errors_for_missing_and_unsaveable(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path))
+    with pytest.raises(CheckpointError, match="no committed checkpoint"):
+        ck.load()
+    with pytest.raises(CheckpointError, match="no committed checkpoint for step 7"):
+        ck.load(7)
+    with pytest.raises(CheckpointError, match=r"state\[opt/fn\]: cannot save a builtins.builtin_function"):
+        ck.save(1, {"opt": {"fn": len}})
+    with pytest.raises(InputError, match="step must be a non-negative integer"):
+        ck.save(-1, {})
+    ck.save(1, {"ok": True})  # still usable
+    ck.wait()
+    assert ck.load() == {"ok": True}
+
+
+def test_load_to_a_device(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path))
+    ck.save(1, {"w": torch.ones(3)})
+    ck.wait()
+    assert ck.load(map_location="cpu")["w"].device.type == "cpu"
+    assert ck.load(map_location=torch.device("meta"))["w"].device.type == "meta"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_state_is_snapshotted_through_pinned_memory(tmp_path: Path) -> None:
+    weights = torch.randn(4096, 1024, device="cuda")  # 16 MiB
+    expected = weights.cpu()
+    ck = Checkpointer(str(tmp_path))
+    ck.save(1, {"w": weights, "bf": weights[:4].bfloat16()})
+    for _ in range(10):  # queued on the same stream, after the copies
+        weights.mul_(2.0)
+    ck.wait()
+    assert ck._staging.stats.device_bytes_copied > 0 and ck._staging._buf is not None
+    assert ck._staging._buf.is_pinned()
+    loaded = ck.load(map_location="cuda")
+    assert loaded["w"].is_cuda
+    assert torch.equal(loaded["w"].cpu(), expected)
+    assert torch.equal(loaded["bf"].cpu(), expected[:4].bfloat16())
