@@ -111,7 +111,18 @@ def memory_bytes() -> int | None:
 
 
 def gpu() -> str | None:
-    """The CUDA device name, only when torch is already imported (importing it here costs seconds)."""
+    """GPU names from ``nvidia-smi`` (importing torch here would cost seconds), else torch if loaded."""
+    try:
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if r.returncode == 0 and r.stdout.strip():
+            return ", ".join(line.strip() for line in r.stdout.splitlines() if line.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        pass
     torch = sys.modules.get("torch")
     if torch is None:
         return None
@@ -188,8 +199,9 @@ def summary(desc: dict[str, Any]) -> str:
     mem_s = f"{mem / 2**30:.0f} GiB RAM" if mem else "RAM unknown"
     disk_s = " ".join(str(x) for x in (d.get("filesystem"), d.get("model") or d.get("block_device")) if x)
     commit = ((desc.get("git") or {}).get("commit") or "no git")[:10]
+    gpu_s = f", {desc['gpu']}" if desc.get("gpu") else ""
     return (
-        f"{c.get('model') or 'unknown CPU'}, {c.get('usable_cores')} cores, {mem_s}, "
+        f"{c.get('model') or 'unknown CPU'}, {c.get('usable_cores')} cores, {mem_s}{gpu_s}, "
         f"data on {disk_s or 'unknown disk'}, commit {commit}"
     )
 

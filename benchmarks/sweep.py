@@ -138,6 +138,15 @@ class Sweep:
         self.reader = reader
         return len(ds) / (time.perf_counter() - t0), reader
 
+    def with_current(self, param: str, values: tuple[Any, ...]) -> tuple[Any, ...]:
+        """The grid plus the value in the code now, so every figure has a ratio to the current default."""
+        current = self.current.get(param)
+        if current is None or _label(current) in {_label(v) for v in values}:
+            return values
+        if isinstance(current, dict):
+            return (*values, current)
+        return tuple(sorted((*values, current)))
+
     def interleaved(
         self, labels: list[str], measure: Callable[[str, int], float], repeats: int | None = None
     ) -> dict[str, list[float]]:
@@ -169,17 +178,23 @@ class Sweep:
         g = self.grid
         layout = Layout()
         figs: list[Figure] = []
+        grid = self.with_current
         try:
-            layout = replace(
-                layout, chunk_bytes=self._decide_layout("chunk_bytes", g.chunk_bytes, layout, figs)
-            )
-            shards = tuple(s for s in g.shard_bytes if s >= layout.chunk_bytes)
+            chunks = grid("chunk_bytes", g.chunk_bytes)
+            layout = replace(layout, chunk_bytes=self._decide_layout("chunk_bytes", chunks, layout, figs))
+            shards = tuple(s for s in grid("shard_bytes", g.shard_bytes) if s >= layout.chunk_bytes)
             layout = replace(layout, shard_bytes=self._decide_layout("shard_bytes", shards, layout, figs))
-            layout = replace(layout, codec=self._decide_layout("codec", g.codecs, layout, figs))
-            layout = replace(layout, workers=self._decide_workers(layout, figs))
+            layout = replace(
+                layout, codec=self._decide_layout("codec", grid("codec", g.codecs), layout, figs)
+            )
+            layout = replace(layout, workers=self._decide_workers(layout, grid("workers", g.workers), figs))
             self.build(self.root / "final", layout)
-            threads = self._decide_read("threads", g.threads, lambda t: (t, g.start_depth), figs)
-            self._decide_read("prefetch_depth", g.depths, lambda d: (threads, d), figs)
+            start_depth = g.start_depth
+            threads = self._decide_read(
+                "threads", grid("threads", g.threads), lambda t: (t, start_depth), figs
+            )
+            depths = grid("prefetch_depth", g.depths)
+            self._decide_read("prefetch_depth", depths, lambda d: (threads, d), figs)
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
         self.progress(f"chosen layout: {layout}; read threads {threads}")
@@ -204,11 +219,11 @@ class Sweep:
         plot = {"chunk_bytes": "chunk_size"}.get(param)
         return self._choose(param, results, figs, "samples/s", "cold shuffled read", plot)
 
-    def _decide_workers(self, layout: Layout, figs: list[Figure]) -> int:
-        self.progress(f"workers: {self.cfg.repeats} writes with each of {self.grid.workers}")
+    def _decide_workers(self, layout: Layout, values: tuple[int, ...], figs: list[Figure]) -> int:
+        self.progress(f"workers: {self.cfg.repeats} writes with each of {values}")
         root = self.root / "workers"
         runs = self.interleaved(
-            [str(w) for w in self.grid.workers],
+            [str(w) for w in values],
             lambda k, _: self.source_bytes / 1e6 / self.build(root, replace(layout, workers=int(k)))[0],
             repeats=self.cfg.repeats,
         )
