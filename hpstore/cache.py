@@ -156,6 +156,7 @@ class CacheStats:
     misses: int = 0
     evictions: int = 0
     bypassed: int = 0
+    hit_bytes: int = 0
     fetched_bytes: int = 0
     fetch_seconds: float = 0.0
     resident_bytes: int = 0
@@ -174,6 +175,12 @@ class CacheStats:
     def hit_rate(self) -> float:
         total = self.hits + self.misses
         return self.hits / total if total else 0.0
+
+    @property
+    def byte_hit_rate(self) -> float:
+        """Fraction of the bytes asked for that came without a fetch (small fields weigh little)."""
+        total = self.hit_bytes + self.fetched_bytes
+        return self.hit_bytes / total if total else 0.0
 
 
 def nbytes(value: Any) -> int:
@@ -226,8 +233,9 @@ class ChunkCache:
                 if key in found or key in waits:
                     continue
                 if key in self._values:
-                    found[key] = self._values[key][0]
-                    self.stats.add(hits=1)
+                    value, size = self._values[key]
+                    found[key] = value
+                    self.stats.add(hits=1, hit_bytes=size)
                 elif key in self._inflight:
                     waits[key] = self._inflight[key]
                     self.stats.add(hits=1)
@@ -238,6 +246,7 @@ class ChunkCache:
             found.update(self._load(mine))
         for key, fut in waits.items():
             found[key] = fut.result()  # re-raises the fetching thread's error
+            self.stats.add(hit_bytes=self._size_of(found[key]))
         return [found[key] for key in keys]
 
     def _load(self, keys: list[Hashable]) -> dict[Hashable, Any]:

@@ -49,6 +49,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -64,11 +65,13 @@ from hpstore.errors import InputError
 from hpstore.manifest import FieldSpec
 from hpstore.plan import EpochPlan, PlanSpec
 from hpstore.prefetch import Prefetcher
+from hpstore.storage import Storage
 
 DEFAULT_PREFETCH_BYTES = 256 << 20
 DEFAULT_CACHE_BYTES = 512 << 20
 DEFAULT_CACHE_DISK_BYTES = 16 << 30
 DEFAULT_SHUFFLE_WINDOW = 16
+DEFAULT_IO_THREADS = 8
 STATE_VERSION = 1
 PLAN_KEYS = ("num_samples", "chunk_rows", "batch_size", "world_size", "seed", "shuffle", "drop_last")
 """State entries that must match the loader a state is loaded into (they define the plan)."""
@@ -142,10 +145,15 @@ class Loader:
         with_index: bool = False,
         shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
         pin_memory: bool | None = None,
+        io_threads: int = DEFAULT_IO_THREADS,
         cache_dir: str | None = None,
         cache_disk_bytes: int = DEFAULT_CACHE_DISK_BYTES,
     ) -> None:
-        for name, value in (("num_workers", num_workers), ("prefetch_bytes", prefetch_bytes)):
+        for name, value in (
+            ("num_workers", num_workers),
+            ("prefetch_bytes", prefetch_bytes),
+            ("io_threads", io_threads),
+        ):
             if value < 0:
                 raise InputError(f"{name} must be >= 0, got {value}")
         if cache_bytes < 0:
@@ -186,6 +194,9 @@ class Loader:
             self.disk_cache = ChunkDiskCache(ds.store.url, paths, cache_dir, cache_disk_bytes)
             policy = self.disk_cache.follow(policy)
         self.cache = ChunkCache(cache_bytes, self._fetch, policy=policy)
+        self.io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
         self._epoch = 0
         self._step = 0
         self._run: weakref.ref[_Run] | None = None
@@ -252,6 +263,8 @@ class Loader:
             chunk_hits=c.hits,
             chunk_misses=c.misses,
             chunk_hit_rate=c.hit_rate,
+            chunk_hit_bytes=c.hit_bytes,
+            chunk_byte_hit_rate=c.byte_hit_rate,
             evictions=c.evictions,
             cache_bypassed=c.bypassed,
             cache_resident_bytes=c.resident_bytes,
@@ -268,8 +281,13 @@ class Loader:
         return run
 
     def close(self) -> None:
-        """Stop background work of an unfinished iteration (also done on the next ``iter``)."""
+        """Stop background work: an unfinished iteration's (also done on the next ``iter``) and the
+        read threads (started again when needed)."""
         self._close_run()
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def __repr__(self) -> str:
         return (
@@ -286,22 +304,45 @@ class Loader:
         self._run = None
 
     def _fetch(self, keys: list[Any]) -> list[Chunk]:
-        """Read and decode chunks ``(field, chunk)``: one coalesced read for all of them."""
+        """Read and decode chunks ``(field, chunk)``. Backends that keep many requests in flight
+        get them in one coalesced call; local files are read and decoded on ``io_threads``
+        threads at once (preads and decompression release the GIL)."""
         reader = self.dataset.reader
         t0 = time.perf_counter()
-        ranges = []
-        for name, cid in keys:
-            ranges.extend(reader.ranges(name, [cid]))
-        raws = self.disk_cache.fetch(keys, ranges, reader.fetch) if self.disk_cache else reader.fetch(ranges)
-        t1 = time.perf_counter()
-        out = [reader.decode(name, cid, raw) for (name, cid), raw in zip(keys, raws, strict=True)]
-        self._io.add(
-            bytes_read=sum(e - s for _, s, e in ranges),
-            read_requests=len(ranges),
-            read_seconds=t1 - t0,
-            decode_seconds=time.perf_counter() - t1,
-        )
+        ranges = [r for name, cid in keys for r in reader.ranges(name, [cid])]
+        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 else None
+        if pool is not None:
+            out = list(pool.map(self._read_one, keys, ranges))
+        else:
+            if self.disk_cache is not None:
+                raws = self.disk_cache.fetch(keys, ranges, reader.fetch)
+            else:
+                raws = reader.fetch(ranges)
+            t1 = time.perf_counter()
+            out = [reader.decode(name, cid, raw) for (name, cid), raw in zip(keys, raws, strict=True)]
+            self._io.add(read_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+        self._io.add(bytes_read=sum(e - s for _, s, e in ranges), read_requests=len(ranges))
         return out
+
+    def _read_one(self, key: tuple[str, int], rng: tuple[str, int, int]) -> Chunk:
+        reader = self.dataset.reader
+        t0 = time.perf_counter()
+        (raw,) = reader.fetch([rng])
+        t1 = time.perf_counter()
+        chunk = reader.decode(key[0], key[1], raw)
+        self._io.add(read_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
+        return chunk
+
+    def _io_pool(self) -> ThreadPoolExecutor | None:
+        """The read/decode threads, for backends whose ``read_ranges`` is a serial loop."""
+        storage = self.dataset.reader.storage
+        if self.io_threads < 2 or type(storage).read_ranges is not Storage.read_ranges:
+            return None
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="hpstore-io")
+                weakref.finalize(self, self._pool.shutdown, wait=False)
+            return self._pool
 
     def _window_cost(self, rows: int) -> int:
         """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
