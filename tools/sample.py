@@ -87,16 +87,17 @@ def _segments(polylines: list[Polyline]) -> np.ndarray:
     return np.asarray(segs, dtype=np.float64)
 
 
-def _render(segs: np.ndarray, width: float) -> np.ndarray:
-    """Anti-aliased strokes: intensity falls off with the distance from a pixel to the nearest segment."""
+def _render(segs: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """Anti-aliased strokes of ``V`` drawings at once: ``segs`` ``(V, S, 2, 2)``, ``width`` ``(V,)``.
+    Intensity falls off with the distance from a pixel centre to the nearest segment."""
     n = SIDE + 2 * PAD
-    yy, xx = np.mgrid[0:n, 0:n].astype(np.float64) + 0.5
-    p = np.stack([xx.ravel(), yy.ravel()], axis=1)[:, None, :]  # (P, 1, 2)
-    a, b = segs[None, :, 0, :], segs[None, :, 1, :]
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
+    p = np.stack([xx.ravel(), yy.ravel()], axis=1)[None, :, None, :]  # (1, P, 1, 2)
+    a, b = segs[:, None, :, 0, :], segs[:, None, :, 1, :]  # (V, 1, S, 2)
     ab = b - a
     t = np.clip(((p - a) * ab).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-9), 0.0, 1.0)
-    d = np.sqrt((((a + t[..., None] * ab) - p) ** 2).sum(-1)).min(axis=1)
-    return np.clip(width / 2 + 0.5 - d, 0.0, 1.0).reshape(n, n)
+    d = np.sqrt((((a + t[..., None] * ab) - p) ** 2).sum(-1)).min(axis=2)  # (V, P)
+    return np.clip(width[:, None] / 2 + 0.5 - d, 0.0, 1.0).reshape(len(segs), n, n)
 
 
 def templates(seed: int) -> np.ndarray:
@@ -105,16 +106,20 @@ def templates(seed: int) -> np.ndarray:
     n = SIDE + 2 * PAD
     out = np.empty((10, VARIANTS, n, n), dtype=np.float32)
     for cls, polylines in enumerate(_strokes()):
-        base = _segments(polylines) - 0.5
-        for v in range(VARIANTS):
-            angle = np.radians(rng.uniform(-15, 15))
-            scale = rng.uniform(14.0, 19.0) * np.array([rng.uniform(0.8, 1.1), 1.0])
-            shear = rng.uniform(-0.25, 0.25)
-            m = np.array([[1.0, shear], [0.0, 1.0]]) @ np.array(
-                [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-            )
-            segs = (base * scale) @ m.T + n / 2
-            out[cls, v] = _render(segs, width=rng.uniform(1.6, 3.2))
+        base = (_segments(polylines) - 0.5).astype(np.float32)  # (S, 2, 2)
+        angle = np.radians(rng.uniform(-15, 15, VARIANTS))
+        scale = rng.uniform(14.0, 19.0, VARIANTS)[:, None] * np.stack(
+            [rng.uniform(0.8, 1.1, VARIANTS), np.ones(VARIANTS)], axis=1
+        )  # (V, 2): narrower or wider, same height
+        shear = rng.uniform(-0.25, 0.25, VARIANTS)
+        cos, sin = np.cos(angle), np.sin(angle)
+        rot = np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)  # (V, 2, 2)
+        shr = np.zeros((VARIANTS, 2, 2))
+        shr[:, 0, 0] = shr[:, 1, 1] = 1.0
+        shr[:, 0, 1] = shear
+        m = shr @ rot
+        segs = np.einsum("vsij,vkj->vsik", base[None] * scale[:, None, None, :], m) + n / 2
+        out[cls] = _render(segs.astype(np.float32), rng.uniform(1.6, 3.2, VARIANTS).astype(np.float32))
     return out
 
 
