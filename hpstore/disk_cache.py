@@ -140,7 +140,7 @@ class DiskCache:
         self.stats.add(read_bytes=size)
         return blob[:size]
 
-    def put(self, name: str, data: bytes) -> bool:
+    def put(self, name: str, data: bytes | memoryview) -> bool:
         """Keep ``data`` under ``name`` if the policy finds room for it; ``True`` when kept."""
         total = len(data) + TRAILER.size
         with self._lock:
@@ -163,11 +163,14 @@ class DiskCache:
         return written
 
     def get_many(
-        self, names: Sequence[str], sizes: Sequence[int], fetch: Callable[[list[int]], Sequence[bytes]]
-    ) -> list[bytes]:
+        self,
+        names: Sequence[str],
+        sizes: Sequence[int],
+        fetch: Callable[[list[int]], Sequence[bytes | memoryview]],
+    ) -> list[bytes | memoryview]:
         """The bytes of every name: cached ones from disk, the others from ``fetch(indices)`` in one
         call (so the caller can coalesce and parallelise those reads), then kept if there is room."""
-        out: list[bytes | None] = [self.get(n, s) for n, s in zip(names, sizes, strict=True)]
+        out: list[bytes | memoryview | None] = [self.get(n, s) for n, s in zip(names, sizes, strict=True)]
         missing = [i for i, b in enumerate(out) if b is None]
         self.stats.add(hits=len(out) - len(missing), misses=len(missing))
         if missing:
@@ -231,7 +234,7 @@ class DiskCache:
         self._last_scan = time.monotonic()
         self.stats.add(rescans=1)
 
-    def _write(self, name: str, data: bytes) -> bool:
+    def _write(self, name: str, data: bytes | memoryview) -> bool:
         """Write ``data`` + trailer under a private name and rename it into place (no lock held)."""
         final = os.path.join(self.directory, name)
         tmp = os.path.join(self.directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
@@ -284,8 +287,11 @@ class ChunkDiskCache:
         return _Mirror(policy, self)
 
     def fetch(
-        self, keys: Sequence[Any], ranges: Sequence[Range], fetch: Callable[[list[Range]], list[bytes]]
-    ) -> list[bytes]:
+        self,
+        keys: Sequence[Any],
+        ranges: Sequence[Range],
+        fetch: Callable[[list[Range]], Sequence[bytes | memoryview]],
+    ) -> list[bytes | memoryview]:
         """Raw bytes of ``keys`` (one range each): from disk when verified, else via ``fetch``."""
         names = [self.name(k) for k in keys]
         sizes = [e - s for _, s, e in ranges]

@@ -13,6 +13,7 @@ CRC32C of those bytes; ``2**64-1`` marks an empty chunk.
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from typing import Any
@@ -72,11 +73,17 @@ def validate_codec(codec: Codec) -> Codec:
 
 
 def _compressor(codec: Codec, itemsize: int) -> numcodecs.abc.Codec | None:
-    if codec["name"] == "zstd":
-        return numcodecs.Zstd(level=codec["level"])
-    if codec["name"] == "lz4":
+    return _compressor_for(codec["name"], int(codec.get("level", 0)), itemsize)
+
+
+@functools.lru_cache(maxsize=64)
+def _compressor_for(name: str, level: int, itemsize: int) -> numcodecs.abc.Codec | None:
+    """Codec objects are stateless and thread-safe; build each once, not once per chunk."""
+    if name == "zstd":
+        return numcodecs.Zstd(level=level)
+    if name == "lz4":
         shuffle = numcodecs.Blosc.SHUFFLE if itemsize > 1 else numcodecs.Blosc.NOSHUFFLE
-        return numcodecs.Blosc(cname="lz4", clevel=codec["level"], shuffle=shuffle)
+        return numcodecs.Blosc(cname="lz4", clevel=level, shuffle=shuffle)
     return None
 
 
@@ -172,7 +179,7 @@ def parse_index(buf: bytes, chunks_per_shard: int, key: str) -> np.ndarray:
 
 
 def decode_chunk(
-    buf: bytes, *, codec: Codec, dtype: str, chunk_shape: tuple[int, ...], key: str, chunk: int
+    buf: bytes | memoryview, *, codec: Codec, dtype: str, chunk_shape: tuple[int, ...], key: str, chunk: int
 ) -> np.ndarray:
     """Verify the CRC32C trailer and decode one inner chunk to a (read-only) array."""
     if len(buf) < 4:
