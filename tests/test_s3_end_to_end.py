@@ -54,11 +54,11 @@ def env_for(proxy: FaultProxy) -> dict[str, str]:
     return {**os.environ, **client_env(proxy.endpoint), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def run(args: list[str], proxy: FaultProxy) -> subprocess.CompletedProcess[str]:
+def run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, "-m", *args],
         cwd=ROOT,
-        env=env_for(proxy),
+        env=env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -81,7 +81,8 @@ def test_ingest_verify_load_train_checkpoint_resume(
     url, ckpt = f"s3://{bucket}/mnist", f"s3://{bucket}/runs/one"
 
     ingest = run(
-        ["tools.ingest", str(src), url, "--chunk-bytes", "8K", "--shard-bytes", "32K", "--no-progress"], proxy
+        ["tools.ingest", str(src), url, "--chunk-bytes", "8K", "--shard-bytes", "32K", "--no-progress"],
+        env_for(proxy),
     )
     assert ingest.returncode == 0, ingest.stderr
 
@@ -110,10 +111,13 @@ def test_ingest_verify_load_train_checkpoint_resume(
     logs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]
     common = ["trainer", "--data", url, "--model", "linear", "--epochs", "1", "--batch-size", str(BATCH),
               "--input", "image", "--target", "label", "--eval-split", "none", "--ckpt", ckpt, "--log-every", "100"]  # fmt: skip
-    first = run([*common, "--max-steps", str(STOP_AT), "--log-indices", str(logs[0])], proxy)
+    first = run([*common, "--max-steps", str(STOP_AT), "--log-indices", str(logs[0])], env_for(proxy))
     assert first.returncode == 0, first.stderr
     assert Checkpointer(ckpt).steps() == [STOP_AT]
-    second = run([*common, "--resume", "--log-indices", str(logs[1])], proxy)
+    # The resumed run gets endpoint and credentials as storage options instead of variables.
+    options = [f"endpoint_url={proxy.endpoint}", f"key={KEY_ID}", f"secret={SECRET}"]
+    bare = {k: v for k, v in env_for(proxy).items() if not k.startswith("AWS_")}
+    second = run([*common, "--resume", "--log-indices", str(logs[1]), *_flags(options)], bare)
     assert second.returncode == 0, second.stderr
     assert f"continuing from {ckpt} step {STOP_AT}" in second.stdout
     steps = [json.loads(line) for log in logs for line in log.read_text().splitlines()]
@@ -129,3 +133,22 @@ def test_ingest_verify_load_train_checkpoint_resume(
         if SECRET.encode() in v or KEY_ID.encode() in v
     ]
     assert leaked == []
+
+
+def _flags(options: list[str]) -> list[str]:
+    return [arg for option in options for arg in ("--storage-option", option)]
+
+
+def test_permanent_errors_are_one_clear_line_without_secrets(
+    proxy: FaultProxy, bucket: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tools import inspect
+
+    options = _flags([f"endpoint_url={proxy.endpoint}", f"key={KEY_ID}", f"secret={SECRET}"])
+    assert inspect.main(["s3://no-such-bucket-anywhere/store", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no such bucket" in err and len(err.splitlines()) == 1
+    assert SECRET not in err and KEY_ID not in err
+    assert inspect.main([f"s3://{bucket}/nothing-here", *options]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and SECRET not in err
