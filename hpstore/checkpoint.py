@@ -79,8 +79,9 @@ class CheckpointLayout:
 
 @dataclass(frozen=True, kw_only=True)
 class SaveStats:
-    """One ``save``. ``stall_s`` is all the caller waited (``wait_s + snapshot_s``); ``persist_s`` is
-    the background write, commit and retention (None while in flight)."""
+    """One ``save``. ``stall_s`` is all the caller waited (``wait_s + snapshot_s``). In the
+    background: ``persist_s`` writes every object and commits the manifest (None until then),
+    ``retention_s`` then removes older checkpoints."""
 
     step: int
     wait_s: float
@@ -89,6 +90,7 @@ class SaveStats:
     bytes: int
     arrays: int
     persist_s: float | None = None
+    retention_s: float | None = None
     objects: int = 0
     failed: bool = False
 
@@ -175,26 +177,28 @@ class Checkpointer:
         try:
             manifest = write_checkpoint(self.storage, step, specs, snap, tree, workers=self.layout.workers)
         except BaseException as exc:
-            self._record(index, t0, failed=True)
+            self._record(index, persist_s=time.perf_counter() - t0, failed=True)
             raise self._write_error(step, exc) from exc
+        t1 = time.perf_counter()
+        self._record(index, persist_s=t1 - t0, objects=len(manifest.objects))
         try:
             prune_generations(self.storage, step, manifest.generation)
             self._retain(step)
         except Exception as exc:
-            self._record(index, t0, failed=True, objects=len(manifest.objects))
+            self._record(index, retention_s=time.perf_counter() - t1, failed=True)
             raise CheckpointError(
                 f"{self.storage.url}: step {step} is committed, but removing old checkpoints failed: {exc}"
             ) from exc
-        self._record(index, t0, objects=len(manifest.objects))
+        self._record(index, retention_s=time.perf_counter() - t1)
 
     def _write_error(self, step: int, exc: BaseException) -> BaseException:
         if isinstance(exc, OSError | CheckpointError):
             return exc  # already names the object; re-raised as is (StorageError is an OSError)
         return CheckpointError(f"{self.storage.url}: saving step {step} failed: {type(exc).__name__}: {exc}")
 
-    def _record(self, index: int, t0: float, **changes: Any) -> None:
+    def _record(self, index: int, **changes: Any) -> None:
         with self._lock:
-            self._stats[index] = replace(self._stats[index], persist_s=time.perf_counter() - t0, **changes)
+            self._stats[index] = replace(self._stats[index], **changes)
 
     def _retain(self, current: int) -> None:
         committed, incomplete = checkpoint_steps(self.storage)

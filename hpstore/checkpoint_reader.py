@@ -68,10 +68,11 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
     def fetch(job: tuple[ArraySpec, ChunkSpec]) -> None:
         a, c = job
         key = manifest.array_object(a, c.key)
-        data = _read_verified(st, manifest, key)
-        _byte_view(outputs[a.index])[c.offset : c.offset + c.nbytes] = np.frombuffer(
-            data, dtype=np.uint8, count=c.nbytes
-        )
+        dst = _byte_view(outputs[a.index])[c.offset : c.offset + c.nbytes]
+        if c.stored == c.nbytes:
+            _read_verified_into(st, manifest, key, dst)  # straight into the tensor: no copy
+        else:  # a zero-padded edge chunk
+            dst[:] = np.frombuffer(_read_verified(st, manifest, key), dtype=np.uint8, count=c.nbytes)
 
     run_parallel(fetch, jobs, workers, name="hpstore-ckpt-read")
     if map_location is not None:
@@ -106,6 +107,20 @@ def _read_verified(st: Storage, manifest: CheckpointManifest, key: str) -> bytes
     if crc32c_hex(data) != entry.crc32c:
         raise CheckpointError(f"{st.url}: {manifest.owner(key)}: checksum mismatch in {key}")
     return data
+
+
+def _read_verified_into(st: Storage, manifest: CheckpointManifest, key: str, dst: np.ndarray) -> None:
+    entry = manifest.objects[key]
+    try:
+        n = st.read_into(key, dst.data)
+    except HpstoreError as exc:
+        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}") from None
+    if n != entry.size:
+        raise CheckpointError(
+            f"{st.url}: {manifest.owner(key)}: {key} has {n} bytes, manifest says {entry.size}"
+        )
+    if crc32c_hex(dst) != entry.crc32c:
+        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: checksum mismatch in {key}")
 
 
 def _read_tree(st: Storage, manifest: CheckpointManifest) -> Any:

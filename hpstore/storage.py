@@ -75,6 +75,15 @@ class Storage(ABC):
     def read(self, key: str) -> bytes:
         """The whole object; ``ObjectNotFoundError`` when it does not exist."""
 
+    def read_into(self, key: str, out: memoryview) -> int:
+        """Read the whole object into the start of ``out`` (a writable byte buffer at least as
+        large) and return its size. Backends override this to skip the intermediate ``bytes``."""
+        data = self.read(key)
+        if len(data) > len(out):
+            raise StorageError(f"{self.url}/{key}: object has {len(data)} bytes, buffer only {len(out)}")
+        out[: len(data)] = data
+        return len(data)
+
     @abstractmethod
     def read_range(self, key: str, start: int, end: int) -> bytes:
         """Bytes ``[start, end)``; a short result (object smaller than ``end``) raises."""
@@ -144,6 +153,28 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
         self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
         return data
+
+    def read_into(self, key: str, out: memoryview) -> int:
+        t0 = time.perf_counter()
+        try:
+            with open(self._path(key), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size > len(out):
+                    raise StorageError(f"{self.url}/{key}: object has {size} bytes, buffer only {len(out)}")
+                done = 0
+                while done < size:  # one read per call is capped (2 GiB on Linux)
+                    n = f.readinto(out[done:size])
+                    if not n:
+                        raise StorageError(f"{self.url}/{key}: short read ({done} of {size} bytes)")
+                    done += n
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
+        except StorageError:
+            raise
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
+        self.stats.add(bytes_read=size, read_requests=1, read_seconds=time.perf_counter() - t0)
+        return size
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         t0 = time.perf_counter()
@@ -416,6 +447,9 @@ class PrefixStorage(Storage):
 
     def read(self, key: str) -> bytes:
         return self.inner.read(self._k(key))
+
+    def read_into(self, key: str, out: memoryview) -> int:
+        return self.inner.read_into(self._k(key), out)
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         return self.inner.read_range(self._k(key), start, end)

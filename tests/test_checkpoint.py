@@ -19,7 +19,8 @@ import hpstore
 from hpstore.checkpoint import Checkpointer, CheckpointLayout
 from hpstore.checkpoint_plan import step_prefix
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import CheckpointError, InputError
+from hpstore.errors import CheckpointError, InputError, ObjectNotFoundError, StorageError
+from hpstore.storage import open_storage
 from tests.support.ckpt import assert_same, training_state
 
 SMALL = CheckpointLayout(chunk_bytes=4096, workers=4)  # many chunks, padded edges, parallel writes
@@ -266,6 +267,7 @@ def test_stats_count_the_wait_for_the_previous_save_separately(tmp_path: Path) -
     for s in (first, second):
         assert s.bytes == 512 * 512 * 4 and s.arrays == 1 and not s.failed
         assert s.persist_s is not None and s.persist_s > 0 and s.throughput is not None
+        assert s.retention_s is not None
         assert s.stall_s == pytest.approx(s.wait_s + s.snapshot_s)
         assert s.objects == 3 + 1 + 256  # group x2, tree, array zarr.json, 1 MiB in 4 KiB chunks
     assert second.wait_s > 0
@@ -305,6 +307,19 @@ def test_load_to_a_device(tmp_path: Path) -> None:
     ck.wait()
     assert ck.load(map_location="cpu")["w"].device.type == "cpu"
     assert ck.load(map_location=torch.device("meta"))["w"].device.type == "meta"
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_storage_read_into_fills_a_caller_buffer(tmp_path: Path, where: str) -> None:
+    st = open_storage(str(tmp_path) if where == "local" else f"memory://read-into-{uuid.uuid4().hex}")
+    st.write("a/b", b"hello")
+    buf = bytearray(8)
+    assert st.read_into("a/b", memoryview(buf)) == 5 and bytes(buf[:5]) == b"hello"
+    assert st.child("a").read_into("b", memoryview(buf)[3:]) == 5 and bytes(buf) == b"helhello"
+    with pytest.raises(StorageError, match="5 bytes, buffer only 2"):
+        st.read_into("a/b", memoryview(bytearray(2)))
+    with pytest.raises(ObjectNotFoundError):
+        st.read_into("a/missing", memoryview(buf))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,0 +1,174 @@
+"""Checkpoints: the training-visible stall of ``Checkpointer.save``, persist and load throughput.
+
+Side by side in one run, for states of about 100 MB and 1 GB (``--quick``: 64 MB) shaped like a
+model's and an Adam optimizer's ``state_dict()``:
+
+- **stall**: the seconds ``save`` holds the caller (staging buffer warm, no save in flight), vs a
+  synchronous ``torch.save`` of the same state to the same directory, timed through ``fsync`` (the
+  same durability a committed checkpoint has) and, as a second baseline, without it. Target: ≤ 10%
+  of ``torch.save``.
+- **persist**: state bytes / background seconds (writes, fsyncs, commit, retention), vs the
+  directory's sequential write bandwidth measured here with the same number of bytes (the better of
+  ``O_DIRECT`` and buffered + ``fsync``). Target: ≥ 50%.
+- **load**: state bytes / seconds of ``load`` (every chunk verified), vs ``torch.load`` of the same
+  state, both from a cold page cache when it can be dropped (the note says how). Target: ≥ 1×.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.cache import drop_page_cache
+from benchmarks.common import BenchConfig, Figure, Progress, main
+from benchmarks.limits import write_file
+from hpstore.checkpoint import Checkpointer
+
+MB = 1e6
+BENCH = "checkpoint"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Case:
+    label: str
+    nbytes: int
+
+
+QUICK = (Case(label="64 MB", nbytes=64 << 20),)
+FULL = (Case(label="100 MB", nbytes=100 * 10**6), Case(label="1 GB", nbytes=10**9))
+
+
+def model_state(nbytes: int, layers: int = 24, width: int = 1024) -> dict[str, Any]:
+    """A transformer-ish ``{"model", "optimizer"}`` state of about ``nbytes``: per layer a weight and
+    a bias, and Adam's ``step``, ``exp_avg``, ``exp_avg_sq`` for each (three copies in all)."""
+    rows = max(1, nbytes // (3 * layers * width * 4))
+    g = torch.Generator().manual_seed(0)
+    model: dict[str, torch.Tensor] = {}
+    for i in range(layers):
+        model[f"layers.{i}.weight"] = torch.randn(rows, width, generator=g)
+        model[f"layers.{i}.bias"] = torch.randn(width, generator=g)
+    state = {
+        j: {"step": torch.tensor(100.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        for j, p in enumerate(model.values())
+    }
+    groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(model)))}]
+    return {"model": model, "optimizer": {"state": state, "param_groups": groups}, "step": 100}
+
+
+def state_bytes(state: Any) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def torch_save(state: Any, path: Path, *, fsync: bool) -> float:
+    path.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        torch.save(state, f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    return time.perf_counter() - t0
+
+
+def torch_load(path: Path) -> float:
+    t0 = time.perf_counter()
+    torch.load(path, weights_only=True)
+    return time.perf_counter() - t0
+
+
+def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
+    root = cfg.data_dir / BENCH / case.label.replace(" ", "")
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    state = model_state(case.nbytes)
+    nbytes = state_bytes(state)
+    pt = root / "state.pt"
+    ck = Checkpointer(str(root / "ckpt"), keep=2)
+    try:
+        progress(f"{case.label}: first save (allocates the staging buffer)")
+        ck.save(0, state)
+        ck.wait()
+        first = ck.stats[0]
+        stall, persist, base_fsync, base_buffered, seq_write = [], [], [], [], []
+        notes: set[str] = set()
+        for r in range(cfg.repeats):
+            progress(f"{case.label}: repeat {r + 1}/{cfg.repeats}: save, torch.save, sequential write")
+            ck.save(r + 1, state)
+            ck.wait()
+            s = ck.stats[-1]
+            assert s.persist_s is not None
+            stall.append(s.stall_s)
+            persist.append(nbytes / MB / s.persist_s)
+            base_fsync.append(torch_save(state, pt, fsync=True))
+            base_buffered.append(torch_save(state, pt, fsync=False))
+            probe = root / "seq-write.bin"
+            direct, buffered = write_file(probe, nbytes), write_file(probe, nbytes, direct=False)
+            probe.unlink()
+            seq_write.append(max(direct.mb_s, buffered.mb_s))
+            notes |= {t.note for t in (direct, buffered) if t.note}
+        loads, torch_loads, drops = [], [], set()
+        for r in range(cfg.repeats):
+            progress(f"{case.label}: repeat {r + 1}/{cfg.repeats}: cold load vs torch.load")
+            drop = drop_page_cache([root])
+            drops.add(drop.note)
+            t0 = time.perf_counter()
+            ck.load(cfg.repeats)
+            loads.append(nbytes / MB / (time.perf_counter() - t0))
+            drop_page_cache([root])
+            torch_loads.append(nbytes / MB / torch_load(pt))
+    finally:
+        ck.close()
+        shutil.rmtree(root, ignore_errors=True)
+    extra = {
+        "bytes": nbytes,
+        "arrays": first.arrays,
+        "objects": first.objects,
+        "chunk_bytes": ck.layout.chunk_bytes,
+    }
+    size = f"{case.label} state"
+    return [
+        Figure(
+            bench=BENCH, name=f"save stall, {size}", unit="s", values=stall, higher_is_better=False,
+            baseline="torch.save + fsync", baseline_values=base_fsync, target="≤ 0.1× torch.save",
+            extra={**extra, "first_save_stall_s": first.stall_s, "stall_vs_torch_save_no_fsync": statistics.median(stall) / statistics.median(base_buffered)},
+        ),
+        Figure(
+            bench=BENCH, name=f"save stall vs torch.save (no fsync), {size}", unit="s", values=stall,
+            higher_is_better=False, baseline="torch.save, page cache only", baseline_values=base_buffered,
+            extra=extra,
+        ),
+        Figure(
+            bench=BENCH, name=f"persist, {size}", unit="MB/s", values=persist,
+            baseline="sequential write + fsync, same bytes", baseline_values=seq_write,
+            target="≥ 0.5× sequential write", extra={**extra, "limit": "disk_seq_write", "note": "; ".join(sorted(notes))},
+        ),
+        Figure(
+            bench=BENCH, name=f"load (verified), {size}", unit="MB/s", values=loads,
+            baseline="torch.load", baseline_values=torch_loads, target="≥ 1× torch.load",
+            extra={**extra, "note": "; ".join(sorted(drops)), "limit": "disk_seq_read"},
+        ),
+    ]  # fmt: skip
+
+
+def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
+    figures: list[Figure] = []
+    for case in QUICK if cfg.quick else FULL:
+        figures += run_case(cfg, case, progress)
+    return figures
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(run))
