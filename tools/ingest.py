@@ -18,6 +18,7 @@ Exit status: 0 done; 2 bad input (source, options, an existing store without ``-
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -42,6 +43,7 @@ from tools.sources.prefetch import prefetched
 DEFAULT_LAYOUT = Layout()
 CODECS = ("zstd", "lz4", "none")
 
+_M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
@@ -303,7 +305,24 @@ def _message(exc: BaseException) -> str:
     return " ".join(text.split())
 
 
+def bound_malloc(threshold: int = 256 << 10) -> bool:
+    """Serve allocations of ``threshold`` bytes and more with their own mappings (glibc only).
+
+    Why: glibc raises its mmap threshold each time a large block is freed, after which batch and
+    chunk buffers come from per-thread heaps that fragment; the resident set then grows with the
+    dataset (measured: +45% from 150 MB to 1.2 GB of source). A fixed threshold returns those
+    buffers to the system on free and keeps the peak flat. Returns whether it took effect."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    bound_malloc()
     try:
         cfg = parse_args(argv)
     except HpstoreError as exc:
