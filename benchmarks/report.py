@@ -171,6 +171,10 @@ def table(results: Sequence[ModuleResult], machine_line: str = "") -> str:
     failed = [r.name for r in results if r.status != OK]
     total = sum(r.seconds for r in results)
     lines += ["", f"{len(results) - len(failed)} of {len(results)} benchmarks ran in {total:.0f} s"]
+    slow = [r for r in results if r.over_budget]
+    if slow:
+        names = ", ".join(f"{r.name} ({r.seconds:.0f} s)" for r in slow)
+        lines.append(f"over the --quick budget of {slow[0].budget_s:.0f} s per module: {names}")
     if failed:
         lines.append(f"FAILED: {', '.join(failed)}")
     return "\n".join(lines)

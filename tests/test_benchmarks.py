@@ -99,6 +99,7 @@ def test_table_shows_spread_ratios_notes_and_failures() -> None:
     assert "target ≥ 70% of disk" in row
     assert "note (loader cold): page cache dropped with fadvise" in text
     assert "over its 30 s budget" in text
+    assert "over the --quick budget of 30 s per module: loader (40 s)" in text
     assert "boom: FAILED after 0.5 s: ValueError: deliberate" in text
     assert "2 of 3 benchmarks ran" in text and "FAILED: boom" in text
 
