@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from hpstore.errors import InputError
 
-ModelName = Literal["mlp", "cnn"]
+ModelName = Literal["mlp", "cnn", "linear"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
 
@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a classifier from an hpstore store; under torchrun, one process per rank (DDP).",
     )
     p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
-    p.add_argument("--model", choices=["mlp", "cnn"], default=d.model)
+    p.add_argument(
+        "--model", choices=["mlp", "cnn", "linear"], default=d.model, help="linear: I/O-bound experiments"
+    )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
     p.add_argument("--train-split", default=d.train_split)

@@ -48,12 +48,13 @@ _SUMS = ("samples", "wait_s", "steps", "loss_sum", "loss_n", "bytes_read", "hits
 
 
 def loader_counters(stats: Any) -> dict[str, float]:
-    """Bytes read and chunk-cache hits/misses from a loader's ``stats``."""
-    d = stats.as_dict() if hasattr(stats, "as_dict") else dict(vars(stats))
+    """Bytes read and chunk-cache hits/misses from a loader's ``stats`` (a dict, or an object with
+    ``as_dict()``)."""
+    d: dict[str, Any] = stats if isinstance(stats, dict) else stats.as_dict()
     return {
-        "bytes_read": float(d.get("bytes_read", 0.0)),
-        "hits": float(d.get("chunk_hits", d.get("hits", 0.0))),
-        "misses": float(d.get("chunk_misses", d.get("misses", 0.0))),
+        "bytes_read": float(d.get("bytes_read") or 0.0),
+        "hits": float(d.get("chunk_hits") or 0.0),
+        "misses": float(d.get("chunk_misses") or 0.0),
     }
 
 
@@ -99,9 +100,15 @@ class Tally:
 def reduce_window(dist: Dist, start: Snapshot, end: Snapshot) -> dict[str, Any]:
     """The window between two snapshots, reduced over ranks (every rank must call this together)."""
     wall = max(end.time - start.time, 1e-9)
-    local = torch.tensor([end.values[k] - start.values[k] for k in _SUMS], dtype=torch.float64)
-    total = dict(zip(_SUMS, dist.all_reduce(local, "sum").tolist(), strict=True))
     frac = (end.values["wait_s"] - start.values["wait_s"]) / wall
+    local = [end.values[k] - start.values[k] for k in _SUMS] + [frac]
+    total = dict(
+        zip(
+            (*_SUMS, "frac"),
+            dist.all_reduce(torch.tensor(local, dtype=torch.float64), "sum").tolist(),
+            strict=True,
+        )
+    )
     worst = dist.all_reduce(torch.tensor([frac, wall], dtype=torch.float64), "max").tolist()
     lookups = total["hits"] + total["misses"]
     # The slowest rank's wall time is the job's: a window ends when every rank has reached it.
@@ -112,7 +119,7 @@ def reduce_window(dist: Dist, start: Snapshot, end: Snapshot) -> dict[str, Any]:
         "samples_per_s": total["samples"] / job_wall,
         "step_time_s": job_wall / (total["steps"] / dist.world_size) if total["steps"] else None,
         "data_wait_frac": worst[0],
-        "data_wait_frac_mean": total["wait_s"] / dist.world_size / wall,
+        "data_wait_frac_mean": total["frac"] / dist.world_size,
         "read_mb_per_s": total["bytes_read"] / 1e6 / job_wall,
         "cache_hit_rate": total["hits"] / lookups if lookups else None,
         "ckpt_stall_s": end.values["ckpt_stall_s"] - start.values["ckpt_stall_s"],

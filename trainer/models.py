@@ -1,4 +1,4 @@
-"""The models: a small MLP and a small two-convolution CNN, shaped by the store's Task.
+"""The models: a small MLP, a small two-convolution CNN and a linear classifier, shaped by the Task.
 
 Both take the stored input as it arrives (uint8 or float, on the device) and normalise it first, so
 batches cross to the GPU in their compact stored dtype. Image layout: ``[H, W]`` is one channel,
@@ -55,6 +55,18 @@ def image_layout(shape: tuple[int, ...]) -> tuple[str, int, int, int]:
     )
 
 
+class Linear(nn.Module):
+    """Logistic regression on the pixels: almost no compute per byte, the I/O-bound end."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.norm = Normalize(task, image_layout=None)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(task.input_shape), task.num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(self.norm(x))
+
+
 class MLP(nn.Module):
     def __init__(self, task: Task, hidden: int = 256) -> None:
         super().__init__()
@@ -102,7 +114,7 @@ class CNN(nn.Module):
         return self.head(self.features(self.norm(x)))
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN}
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "linear": Linear}
 
 
 def build_model(name: str, task: Task) -> nn.Module:

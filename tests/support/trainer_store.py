@@ -18,13 +18,13 @@ def images(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Class k is a bright 3x3 square near corner k, shifted by up to one pixel, over noise."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, CLASSES, n)
-    x = rng.normal(60, 25, (n, SIDE, SIDE))
+    x = rng.normal(70, 40, (n, SIDE, SIDE))
     corners = [(1, 1), (1, SIDE - 4), (SIDE - 4, 1), (SIDE - 4, SIDE - 4)]
     shifts = rng.integers(-1, 2, (n, 2))
     for i in range(n):
         r, c = corners[y[i]]
         r, c = r + shifts[i, 0], c + shifts[i, 1]
-        x[i, r : r + 3, c : c + 3] += 140
+        x[i, r : r + 3, c : c + 3] += 80
     return np.clip(x, 0, 255).astype(np.uint8), y.astype(np.int64)
 
 
