@@ -13,20 +13,65 @@ Classification looks at the S3 error code and HTTP status carried by botocore's 
 (s3fs keeps it as ``__cause__``) and at exception class *names*, not classes, so this module does not
 import the optional client libraries. Messages are scrubbed of secrets (``Redactor``) before they
 are raised: credentials must never reach a log, an error message or a manifest.
+
+``is_transient`` says which errors to retry and ``RetryPolicy`` how (full-jitter exponential
+backoff, bounded attempts); ``hpstore.wrappers.RetryingStorage`` applies them to every request, and
+S3 multipart uploads to each part.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from hpstore.errors import ObjectNotFoundError, StorageError
+from hpstore.errors import HpstoreError, ObjectNotFoundError, StorageError
 
 
 class TransientStorageError(StorageError):
     """A storage failure that a retry may cure (5xx, throttling, reset, timeout, short body)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """``attempts`` tries in all per request; between them a full-jitter exponential delay.
+
+    The defaults give up after about 3 s of backoff at most (1.5 s expected), long enough to ride
+    out a throttling burst or a dropped connection, short enough that a dead endpoint surfaces as a
+    clear error quickly.
+    """
+
+    attempts: int = 6
+    base_delay: float = 0.05
+    max_delay: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.base_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter backoff: uniform in [0, min(max, base * 2**attempt)]."""
+        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a retry may cure ``exc``.
+
+    Remote backends classify their own failures (``TransientStorageError`` or a permanent
+    ``StorageError``); any other hpstore error, a missing object, a permission problem or a
+    programming error is permanent. A bare ``OSError`` from a backend that does not classify
+    (a reset connection, a timeout) is transient.
+    """
+    if isinstance(exc, TransientStorageError):
+        return True
+    if isinstance(exc, HpstoreError | FileNotFoundError | PermissionError):
+        return False
+    return isinstance(exc, OSError)
 
 
 # S3 error codes that no retry cures, with the hint a user needs.

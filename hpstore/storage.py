@@ -16,13 +16,20 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from hpstore.errors import InputError, ObjectNotFoundError, StorageError
-from hpstore.failures import Redactor, TransientStorageError, classify, safe_url
+from hpstore.errors import HpstoreError, InputError, ObjectNotFoundError, StorageError
+from hpstore.failures import (
+    Redactor,
+    RetryPolicy,
+    TransientStorageError,
+    classify,
+    is_transient,
+    safe_url,
+)
 
 Range = tuple[str, int, int]
 """``(key, start, end)``: bytes ``[start, end)`` of object ``key``."""
@@ -261,6 +268,10 @@ class FsspecStorage(Storage):
 
     part_bytes = 16 << 20
     """S3 multipart part size: objects of at least twice this go up as parallel parts."""
+    part_workers = 8
+    """Parts of one object uploaded at once."""
+    part_retry = RetryPolicy()
+    """Tries per part of a multipart upload (transient failures only)."""
     max_in_flight = 64
     """S3 connection pool size: the most requests one storage keeps in flight."""
 
@@ -346,20 +357,70 @@ class FsspecStorage(Storage):
 
     def write(self, key: str, data: bytes | memoryview) -> None:
         # A single PUT, or a multipart upload completed by one final request, is atomic on object
-        # stores: readers see the old object or the new one. s3fs uploads the parts concurrently.
+        # stores: readers see the old object or the new one.
         t0 = time.perf_counter()
         path = self._path(key)
         payload = bytes(data)
         try:
-            if self.is_s3:
-                self.fs.pipe_file(path, payload, chunksize=self.part_bytes, max_concurrency=8)
+            if self.is_s3 and len(payload) >= 2 * self.part_bytes:
+                self._write_parts(key, path, payload)
+            elif self.is_s3:
+                self.fs.pipe_file(path, payload)
             else:
                 if not getattr(self.fs, "async_impl", False):
                     self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.pipe_file(path, payload)
+        except HpstoreError:
+            raise
         except Exception as exc:
             raise self._fail(exc, key) from None
         self.stats.add(bytes_written=len(payload), write_requests=1, write_seconds=time.perf_counter() - t0)
+
+    def _write_parts(self, key: str, path: str, payload: bytes) -> None:
+        """An S3 multipart upload: parts go up in parallel, and each part is retried on its own
+        (``part_retry``), so a flaky request costs one part, not the whole object. Creating and
+        completing the upload are not retried here: ``RetryingStorage`` repeats the whole write."""
+        bucket, obj, _ = self.fs.split_path(path)
+        upload = self.fs.call_s3("create_multipart_upload", Bucket=bucket, Key=obj)["UploadId"]
+        view, size = memoryview(payload), self.part_bytes
+
+        def put(i: int) -> dict[str, Any]:
+            body = bytes(view[i * size : (i + 1) * size])
+            args = {"Bucket": bucket, "Key": obj, "UploadId": upload, "PartNumber": i + 1, "Body": body}
+            etag = self._retry_part(key, lambda: self.fs.call_s3("upload_part", **args)["ETag"])
+            return {"PartNumber": i + 1, "ETag": etag}
+
+        try:
+            parts = parallel_map(put, range(-(-len(payload) // size)), self.part_workers)
+            self.fs.call_s3(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=obj,
+                UploadId=upload,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            try:  # best effort: an unfinished upload is invisible to readers either way
+                self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=obj, UploadId=upload)
+            except Exception:
+                pass
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+    def _retry_part(self, key: str, call: Callable[[], str]) -> str:
+        policy = self.part_retry
+        for attempt in range(policy.attempts):
+            try:
+                return call()
+            except Exception as exc:
+                err = self._fail(exc, key)
+                if not is_transient(err) or attempt + 1 == policy.attempts:
+                    raise err from None
+                wait = policy.delay(attempt)
+                self.stats.add(retries=1, retry_wait_seconds=wait)
+                time.sleep(wait)
+        raise AssertionError("unreachable")
 
     def size(self, key: str) -> int:
         try:

@@ -8,56 +8,17 @@ Both keep the wrapped storage's counters and add their own (``retries``, ``failu
 
 from __future__ import annotations
 
-import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TypeVar
 
 from hpstore.errors import HpstoreError, StorageError
-from hpstore.failures import TransientStorageError
+from hpstore.failures import RetryPolicy, is_transient
 from hpstore.storage import Range, Storage, raise_first
 
+__all__ = ["LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
+
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """``attempts`` tries in all per request; between them a full-jitter exponential delay.
-
-    The defaults give up after about 3 s of backoff at most (1.5 s expected), long enough to ride
-    out a throttling burst or a dropped connection, short enough that a dead endpoint surfaces as a
-    clear error quickly.
-    """
-
-    attempts: int = 6
-    base_delay: float = 0.05
-    max_delay: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.attempts < 1:
-            raise ValueError("RetryPolicy.attempts must be at least 1")
-        if self.base_delay < 0 or self.max_delay < 0:
-            raise ValueError("RetryPolicy delays must not be negative")
-
-    def delay(self, attempt: int) -> float:
-        """Full-jitter backoff: uniform in [0, min(max, base * 2**attempt)]."""
-        return random.uniform(0, min(self.max_delay, self.base_delay * 2**attempt))
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a retry may cure ``exc``.
-
-    Remote backends classify their own failures (``TransientStorageError`` or a permanent
-    ``StorageError``); any other hpstore error, a missing object, a permission problem or a
-    programming error is permanent. A bare ``OSError`` from a backend that does not classify
-    (a reset connection, a timeout) is transient.
-    """
-    if isinstance(exc, TransientStorageError):
-        return True
-    if isinstance(exc, HpstoreError | FileNotFoundError | PermissionError):
-        return False
-    return isinstance(exc, OSError)
 
 
 class RetryingStorage(Storage):

@@ -178,3 +178,17 @@ def test_redactor_uses_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     token = f"tok-{uuid.uuid4().hex}"
     monkeypatch.setenv("AWS_SESSION_TOKEN", token)
     assert token not in Redactor()(f"x {token} y")
+
+
+def test_multipart_parts_are_retried_alone(s3_server: S3Server, bucket: str, proxy: FaultProxy) -> None:
+    backend = FsspecStorage(f"s3://{bucket}/mp-retry", s3_server.storage_options(proxy.endpoint))
+    backend.part_bytes = 5 << 20
+    backend.part_retry = FAST
+    blob = np.random.default_rng(1).bytes(15 << 20)
+    proxy.faults = Faults(match="partNumber=", fail_first=3)  # the first three part uploads get 503
+    RetryingStorage(backend, FAST).write("big", blob)
+    # create + 3 parts + complete, plus one repeat per refused part: nothing else was redone.
+    assert proxy.counts["requests"] == 5 + 3 and proxy.counts["errors_503"] == 3
+    assert backend.stats.retries == 3 and backend.stats.write_requests == 1
+    proxy.faults = Faults()
+    assert backend.read("big") == blob

@@ -9,7 +9,10 @@ upstream server, and a seeded random draw decides what goes wrong with it:
 - ``reset_rate``: the fraction whose response is cut by a TCP reset after half of the body;
 - ``truncate_rate``: the fraction whose response body stops halfway and the connection closes
   cleanly, although the headers promised the full length;
-- ``deny``: path prefixes (``/bucket/key-prefix``) always answered ``403 AccessDenied``.
+- ``deny``: path prefixes (``/bucket/key-prefix``) always answered ``403 AccessDenied``;
+- ``match``: when set, only requests whose ``"METHOD /path?query"`` contains it get the random
+  faults (e.g. ``"partNumber="``: multipart part uploads only);
+- ``fail_first``: the first N matching requests are answered ``503``, deterministically.
 
 The proxy is thread-based (one thread per client connection, at most ``max_connections``), keeps
 one upstream connection per client connection, and stops itself after ``lifetime`` seconds if
@@ -49,6 +52,8 @@ class Faults:
     reset_rate: float = 0.0
     truncate_rate: float = 0.0
     deny: tuple[str, ...] = ()
+    match: str = ""
+    fail_first: int = 0
 
     def __post_init__(self) -> None:
         rates = (self.error_rate, self.reset_rate, self.truncate_rate)
@@ -109,8 +114,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if faults.latency:
             time.sleep(faults.latency)
+        if faults.match and faults.match not in f"{self.command} {self.path}":
+            status, reason, headers, payload = self._forward(body)
+            self._send(status, headers, payload, reason=reason)
+            return
         draw = proxy.draw()
-        if draw < faults.error_rate:
+        if proxy.count("matched") <= faults.fail_first or draw < faults.error_rate:
             proxy.count("errors_503")
             self._send(
                 503,
@@ -279,9 +288,10 @@ class FaultProxy:
         c = self.counts
         return sum(c.get(k, 0) for k in ("errors_503", "resets", "truncations"))
 
-    def count(self, name: str) -> None:
+    def count(self, name: str) -> int:
         with self._lock:
             self._counts[name] += 1
+            return self._counts[name]
 
     def draw(self) -> float:
         with self._lock:
