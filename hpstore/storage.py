@@ -263,7 +263,10 @@ class FsspecStorage(Storage):
     scrubbed from the message. Retrying is *not* done here: ``RetryingStorage`` does it, once, with
     jittered backoff, and counts it. For S3 the client's own retry loops (botocore's and s3fs's) are
     therefore switched off unless the caller configures them: stacked retry loops multiply
-    (5 x 5 x 6 attempts) and hide what happened from the counters.
+    (5 x 5 x 6 attempts) and hide what happened from the counters. (s3fs still pauses 0.1 s after
+    a failed request before raising it; only ``RetryingStorage`` repeats it, and counts it.)
+    Multipart parts are the exception: each part is retried on its own (``part_retry``) so that
+    one flaky part does not restart a large upload.
     """
 
     part_bytes = 16 << 20
