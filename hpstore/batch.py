@@ -51,15 +51,15 @@ def is_padded(f: FieldSpec) -> bool:
     return bool(pa.types.is_integer(v) or pa.types.is_floating(v) or pa.types.is_boolean(v))
 
 
-Take = Callable[[tuple[int, ...], np.dtype[Any]], np.ndarray]
-"""Where a window's rows go: an uninitialised array of the given shape and dtype (see
+Take = Callable[[tuple[int, ...], np.dtype[Any]], torch.Tensor]
+"""Where a window's rows go: an uninitialised CPU tensor of the given shape and dtype (see
 ``hpstore.buffers``)."""
 
 
-def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-    """An array in shared memory (a worker process hands it to the parent without a copy)."""
+def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
+    """A tensor in shared memory (a worker process hands it to the parent without a copy)."""
     like = torch.from_numpy(np.empty(0, dtype=dtype))
-    return torch.empty(shape, dtype=like.dtype).share_memory_().numpy()
+    return torch.empty(shape, dtype=like.dtype).share_memory_()
 
 
 def gather_rows(window: Window, chunk_of: ChunkOf, out: np.ndarray) -> None:
@@ -165,14 +165,13 @@ def assemble(
         if f.is_array:
             dtype = np.dtype(f.dtype or "u1").newbyteorder("=")
             out = take((window.rows, *(f.shape or ())), dtype)
-            gather_rows(window, of, out)
-            columns[name] = torch.from_numpy(out)
+            gather_rows(window, of, out.numpy())
+            columns[name] = out
         else:
             columns[name] = gather_variable(window, of)
     index = None
     if with_index:
         idx = window.indices()
-        out = take(idx.shape, idx.dtype)
-        out[:] = idx
-        index = torch.from_numpy(out)
+        index = take(idx.shape, idx.dtype)
+        index.numpy()[:] = idx
     return WindowRows(window, columns, padded_fields, index=index, pin=pin)

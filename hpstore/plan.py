@@ -36,22 +36,22 @@ run the same steps). The remaining work is window ``step // batches_per_window``
 ``step % batches_per_window`` on; computing it costs the same at any step.
 
 The shuffle window trade-off. A bigger window mixes more chunks into each batch but holds more
-decoded rows in memory (``window_chunks × chunk_bytes`` per field per window in flight). Measured on
-200,000 samples in 150 chunks of 1,337 rows, batch 256 (``python -m benchmarks.loader``, which
-prints this table). *Neighbour distance* is the mean ``|i_k − i_{k+1}|`` of consecutive samples
-divided by that of a full permutation (1.0 = as good as a full shuffle); *chunks per batch* is the
-mean number of distinct chunks in a batch (a full permutation gives ~142 of 150); *label spread* is,
-for a store written sorted by label (10 classes, the worst case, e.g. an image folder), the mean
-number of distinct labels per batch (a full shuffle gives 10.0):
+decoded rows in memory (``window_chunks × chunk_bytes`` per field per window in flight; its cost is
+memory, not speed: the gather is one scatter per chunk whatever the window). Measured on 200,000
+samples in 150 chunks of 1,337 rows, batch 256 (``benchmarks/loader.py``, ``shuffle window`` rows).
+*Neighbour distance* is the mean ``|i_k − i_{k+1}|`` of consecutive samples divided by that of a full
+permutation (1.0 = as far apart as a full shuffle); *chunks per batch* is the mean number of distinct
+chunks a batch draws from; *labels per batch* is, for a store written sorted by label (10 classes,
+the worst case: an image folder ingested class by class), the mean number of distinct labels in a
+batch (a full shuffle gives 10.0):
 
-    window_chunks      1      2      4      8     16     32   full permutation
-    neighbour dist.  0.00   0.50   0.75   0.88   0.94   0.97   1.00
-    chunks/batch      1.2    2.2    4.2    8.2   16.1   31.1   142
-    label spread      1.2    2.0    3.4    5.4    7.5    9.0   10.0
+    window_chunks        1      2      4      8     16     32   full permutation
+    neighbour distance 0.42   0.62   0.80   0.89   0.93   0.96   1.00
+    chunks per batch    2.1    3.1    5.0    8.9   16.7   31.4   123
+    labels per batch    2.1    2.9    4.4    6.5    8.6   10.0   10.0
 
-The default, 16 chunks (16 MiB of decoded rows per field with 1 MiB chunks), mixes 16 random
-chunks into every batch; its cost is memory, not speed (the gather is one scatter per chunk either
-way).
+The default, 16 chunks (16 MiB of decoded rows per field with the default 1 MiB chunks), draws each
+batch from ~17 random chunks; raise it for stores written in sorted order, lower it to save memory.
 """
 
 from __future__ import annotations

@@ -278,3 +278,37 @@ def test_bad_arguments_fail_clearly(ds: hpstore.Dataset) -> None:
         Loader(ds, 8, num_workers=-1)
     with pytest.raises(InputError, match="epoch"):
         Loader(ds, 8).set_epoch(-1)
+
+
+def test_malloc_tuning_is_applied_once_and_can_be_switched_off() -> None:
+    import subprocess
+    import sys
+
+    from hpstore.memory import keep_freed_memory
+
+    assert keep_freed_memory() == keep_freed_memory()
+    code = "from hpstore.memory import keep_freed_memory; print(keep_freed_memory())"
+    env = {**os.environ, "HPSTORE_MALLOC_TUNING": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pinned_batches_survive_async_copies_after_being_dropped(
+    ds: hpstore.Dataset, data: dict[str, Any]
+) -> None:
+    loader = Loader(
+        ds, 32, fields=["image"], with_index=True, num_workers=2, cache_bytes=0, prefetch_bytes=1 << 12
+    )
+    assert loader.pin_memory
+    copies = []
+    for _ in range(3):
+        for b in loader:
+            assert b["image"].is_pinned()
+            copies.append(
+                (b["index"].to("cuda", non_blocking=True), b["image"].to("cuda", non_blocking=True))
+            )
+            del b  # the host buffer may be recycled now; the copy must still see the right rows
+    torch.cuda.synchronize()
+    for idx, image in copies:
+        assert np.array_equal(image.cpu().numpy(), data["image"][idx.cpu().numpy()])
