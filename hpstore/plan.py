@@ -176,11 +176,11 @@ class Window:
     chunk_rows: int
     batch_size: int
 
-    @property
+    @cached_property
     def rows(self) -> int:
         return int((self.pieces[:, 2] - self.pieces[:, 1]).sum())
 
-    @property
+    @cached_property
     def num_batches(self) -> int:
         return math.ceil(self.rows / self.batch_size)
 

@@ -15,7 +15,7 @@ import torch
 
 import hpstore
 from hpstore import Loader
-from hpstore.errors import CorruptObjectError, InputError, ObjectNotFoundError
+from hpstore.errors import CorruptObjectError, HpstoreError, InputError, ObjectNotFoundError
 from hpstore.storage import LocalStorage
 from hpstore.writer import Layout, StoreWriter
 from tests.support.resume import check_resume
@@ -236,16 +236,25 @@ def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(tmp_path: Path, data
     assert not _threads()
 
 
-def test_a_vanished_object_raises_instead_of_short_batches(tmp_path: Path, data: dict[str, Any]) -> None:
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_vanished_or_truncated_object_raises_instead_of_short_batches(
+    tmp_path: Path, data: dict[str, Any], damage: str
+) -> None:
     ds = write(tmp_path / "s", data)
-    loader = Loader(ds, 32, fields=["label", "blob"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 12)
+    loader = Loader(
+        ds, 32, fields=["label", "blob", "image"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 12
+    )
     it = iter(loader)
     delivered = len(next(it)["label"])
-    for part in (tmp_path / "s").rglob("blob/*.arrow"):
-        os.unlink(part)
-    with pytest.raises(ObjectNotFoundError, match="no such object"):
+    for part in [*(tmp_path / "s").rglob("blob/*.arrow"), *(tmp_path / "s").rglob("image/c/*/0/0")]:
+        if damage == "delete":
+            os.unlink(part)
+        else:
+            os.truncate(part, part.stat().st_size // 2)
+    error = ObjectNotFoundError if damage == "delete" else HpstoreError
+    with pytest.raises(error):
         for b in it:
-            assert len(b["label"]) == len(b["blob"]) == 32
+            assert len(b["label"]) == len(b["blob"]) == len(b["image"]) == 32
             delivered += 32
     assert delivered < N
     assert not _threads()
