@@ -75,7 +75,7 @@ from hpstore.manifest import FieldSpec
 from hpstore.memory import keep_freed_memory
 from hpstore.plan import EpochPlan, PlanSpec
 from hpstore.prefetch import Prefetcher
-from hpstore.storage import Storage
+from hpstore.storage import Range, Storage
 
 DEFAULT_PREFETCH_BYTES = 256 << 20
 DEFAULT_CACHE_BYTES = 512 << 20
@@ -320,7 +320,7 @@ class Loader:
         threads at once (preads and decompression release the GIL)."""
         reader = self.dataset.reader
         t0 = time.perf_counter()
-        ranges = [r for name, cid in keys for r in reader.ranges(name, [cid])]
+        ranges = _ranges_of(reader, keys)
         pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 else None
         if pool is not None:
             out = list(pool.map(self._read_one, keys, ranges))
@@ -469,3 +469,14 @@ class _Run:
             self.close()
         except Exception:
             pass
+
+
+def _ranges_of(reader: Any, keys: list[Any]) -> list[Range]:
+    """The byte range of each ``(field, chunk)`` key, in order. One ``reader.ranges`` call per field,
+    so the shard indices a window needs load in one batch of requests (on S3 one round trip,
+    not one per shard)."""
+    by_field: dict[str, list[int]] = {}
+    for name, cid in keys:
+        by_field.setdefault(name, []).append(cid)
+    found = {name: iter(reader.ranges(name, cids)) for name, cids in by_field.items()}
+    return [next(found[name]) for name, _ in keys]
