@@ -1,7 +1,7 @@
 """Checkpoints: the training-visible stall of ``Checkpointer.save``, persist and load throughput.
 
 Side by side in one run, for states of about 100 MB and 1 GB (``--quick``: 64 MB) shaped like a
-model's and an Adam optimizer's ``state_dict()``:
+model's and an Adam optimizer's ``state_dict()``, on the CPU and, where there is one, on a GPU:
 
 - **stall**: the seconds ``save`` holds the caller (staging buffer warm, no save in flight), vs a
   synchronous ``torch.save`` of the same state to the same directory, timed through ``fsync`` (the
@@ -39,23 +39,24 @@ BENCH = "checkpoint"
 class Case:
     label: str
     nbytes: int
+    device: str = "cpu"
 
 
 QUICK = (Case(label="64 MB", nbytes=64 << 20),)
 FULL = (Case(label="100 MB", nbytes=100 * 10**6), Case(label="1 GB", nbytes=10**9))
 
 
-def model_state(nbytes: int, layers: int = 24, width: int = 1024) -> dict[str, Any]:
+def model_state(nbytes: int, layers: int = 24, width: int = 1024, device: str = "cpu") -> dict[str, Any]:
     """A transformer-ish ``{"model", "optimizer"}`` state of about ``nbytes``: per layer a weight and
     a bias, and Adam's ``step``, ``exp_avg``, ``exp_avg_sq`` for each (three copies in all)."""
     rows = max(1, nbytes // (3 * layers * width * 4))
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator(device).manual_seed(0)
     model: dict[str, torch.Tensor] = {}
     for i in range(layers):
-        model[f"layers.{i}.weight"] = torch.randn(rows, width, generator=g)
-        model[f"layers.{i}.bias"] = torch.randn(width, generator=g)
+        model[f"layers.{i}.weight"] = torch.randn(rows, width, generator=g, device=device)
+        model[f"layers.{i}.bias"] = torch.randn(width, generator=g, device=device)
     state = {
-        j: {"step": torch.tensor(100.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p)}
+        j: {"step": torch.tensor(100.0), "exp_avg": torch.randn_like(p), "exp_avg_sq": torch.rand_like(p) + 1}
         for j, p in enumerate(model.values())
     }
     groups = [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "params": list(range(len(model)))}]
@@ -83,17 +84,23 @@ def torch_save(state: Any, path: Path, *, fsync: bool) -> float:
     return time.perf_counter() - t0
 
 
-def torch_load(path: Path) -> float:
+def torch_load(path: Path, device: str) -> float:
     t0 = time.perf_counter()
-    torch.load(path, weights_only=True)
+    torch.load(path, weights_only=True, map_location=device)
+    sync(device)
     return time.perf_counter() - t0
+
+
+def sync(device: str) -> None:
+    if device != "cpu":
+        torch.cuda.synchronize()
 
 
 def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
     root = cfg.data_dir / BENCH / case.label.replace(" ", "")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    state = model_state(case.nbytes)
+    state = model_state(case.nbytes, device=case.device)
     nbytes = state_bytes(state)
     pt = root / "state.pt"
     ck = Checkpointer(str(root / "ckpt"), keep=2)
@@ -125,10 +132,11 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
             drop = drop_page_cache([root])
             drops.add(drop.note)
             t0 = time.perf_counter()
-            ck.load(cfg.repeats)
+            ck.load(cfg.repeats, map_location=case.device)
+            sync(case.device)
             loads.append(nbytes / MB / (time.perf_counter() - t0))
             drop_page_cache([root])
-            torch_loads.append(nbytes / MB / torch_load(pt))
+            torch_loads.append(nbytes / MB / torch_load(pt, case.device))
     finally:
         ck.close()
         shutil.rmtree(root, ignore_errors=True)
@@ -138,7 +146,7 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
         "objects": first.objects,
         "chunk_bytes": ck.layout.chunk_bytes,
     }
-    size = f"{case.label} state"
+    size = f"{case.label} state" + (f" on {case.device}" if case.device != "cpu" else "")
     return [
         Figure(
             bench=BENCH, name=f"save stall, {size}", unit="s", values=stall, higher_is_better=False,
@@ -165,7 +173,10 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
 
 def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
     figures: list[Figure] = []
-    for case in QUICK if cfg.quick else FULL:
+    cases: tuple[Case, ...] = QUICK if cfg.quick else FULL
+    if torch.cuda.is_available():  # snapshot through pinned memory with non-blocking copies
+        cases += (Case(label=cases[-1].label, nbytes=cases[-1].nbytes, device="cuda"),)
+    for case in cases:
         figures += run_case(cfg, case, progress)
     return figures
 

@@ -68,13 +68,16 @@ class CheckpointLayout:
     """Target bytes per Zarr chunk: big enough for sequential disk writes, small enough that a big
     tensor is written and read by many threads at once."""
     workers: int = 8
-    """Threads writing (or reading) objects of one checkpoint in parallel."""
+    """Threads writing the chunks of one checkpoint in parallel (as many again write the small
+    objects, whose cost is latency rather than bandwidth, beside them)."""
+    read_workers: int = 16
+    """Threads reading chunks in parallel on load."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 4096:
             raise InputError(f"chunk_bytes must be at least 4096, got {self.chunk_bytes}")
-        if self.workers < 1:
-            raise InputError(f"workers must be at least 1, got {self.workers}")
+        if self.workers < 1 or self.read_workers < 1:
+            raise InputError(f"workers must be at least 1, got {self.workers} and {self.read_workers}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -256,7 +259,9 @@ class Checkpointer:
         (``CheckpointFallbackWarning``) about newer ones it skipped.
         """
         if step is not None:
-            return read_checkpoint(self.storage, step, workers=self.layout.workers, map_location=map_location)
+            return read_checkpoint(
+                self.storage, step, workers=self.layout.read_workers, map_location=map_location
+            )
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"{self.storage.url}: no committed checkpoint")
@@ -264,7 +269,7 @@ class Checkpointer:
         for candidate in reversed(steps):
             try:
                 state = read_checkpoint(
-                    self.storage, candidate, workers=self.layout.workers, map_location=map_location
+                    self.storage, candidate, workers=self.layout.read_workers, map_location=map_location
                 )
             except CheckpointError as exc:
                 skipped.append(f"step {candidate}: {exc}")

@@ -10,6 +10,7 @@ the rest from the tagged JSON tree (``hpstore.checkpoint_tree``).
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import numpy as np
@@ -64,6 +65,10 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
     outputs = [_empty(a) for a in manifest.arrays]
     jobs = [(a, c) for a in manifest.arrays for c in a.chunks]
     jobs.sort(key=lambda j: -j[1].stored)
+    # An array moves to map_location as soon as its last chunk lands, from the reading thread,
+    # so host-to-device copies overlap the reads of the other arrays.
+    pending = [len(a.chunks) for a in manifest.arrays]
+    lock = threading.Lock()
 
     def fetch(job: tuple[ArraySpec, ChunkSpec]) -> None:
         a, c = job
@@ -73,11 +78,23 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
             _read_verified_into(st, manifest, key, dst)  # straight into the tensor: no copy
         else:  # a zero-padded edge chunk
             dst[:] = np.frombuffer(_read_verified(st, manifest, key), dtype=np.uint8, count=c.nbytes)
+        with lock:
+            pending[a.index] -= 1
+            done = pending[a.index] == 0
+        if done:
+            outputs[a.index] = _place(outputs[a.index], map_location)
 
     run_parallel(fetch, jobs, workers, name="hpstore-ckpt-read")
-    if map_location is not None:
-        outputs = [t.to(map_location) if isinstance(t, torch.Tensor) else t for t in outputs]
+    for a in manifest.arrays:
+        if not a.chunks:  # empty arrays have no chunk to trigger the move
+            outputs[a.index] = _place(outputs[a.index], map_location)
     return unflatten(tree, outputs, where=f"{st.url}/{manifest.tree_key}")
+
+
+def _place(leaf: Leaf, map_location: Any) -> Leaf:
+    if map_location is None or not isinstance(leaf, torch.Tensor):
+        return leaf
+    return leaf.to(map_location)
 
 
 def _check_listing(st: Storage, manifest: CheckpointManifest) -> None:

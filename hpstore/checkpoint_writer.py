@@ -31,6 +31,9 @@ from hpstore.threads import run_parallel
 
 log = logging.getLogger(__name__)
 
+SMALL_OBJECT = 1 << 20
+"""Objects below this size are written by the latency pool (see ``write_checkpoint``)."""
+
 Payload = bytes | tuple[int, ChunkSpec]
 """An object to write: small documents as bytes, chunks as (array index, chunk) into the snapshot."""
 
@@ -56,8 +59,14 @@ def write_checkpoint(
     for a in specs:
         jobs.append((f"{gen}/{a.key}/zarr.json", array_json(a)))
         jobs.extend((f"{gen}/{a.key}/{c.key}", (a.index, c)) for c in a.chunks)
-    # Biggest first: the pool then ends with small objects and no thread idles behind a big one.
-    jobs.sort(key=lambda j: -len(j[1]) if isinstance(j[1], bytes) else -j[1][1].stored)
+    # Chunks are bandwidth-bound, small objects (metadata, small tensors) latency-bound (a file
+    # create, an fsync, a request each): two pools side by side, so the latency of the many small
+    # writes hides behind the big ones instead of forming a tail after them. Biggest first in each.
+    jobs.sort(key=lambda j: -_size(j[1]))
+    groups = [
+        [j for j in jobs if _size(j[1]) >= SMALL_OBJECT],
+        [j for j in jobs if _size(j[1]) < SMALL_OBJECT],
+    ]
 
     def put(job: tuple[str, Payload]) -> tuple[str, ObjectEntry]:
         key, payload = job
@@ -67,7 +76,10 @@ def write_checkpoint(
         return key, entry
 
     try:
-        objects = dict(run_parallel(put, jobs, workers, name="hpstore-ckpt-write"))
+        done = run_parallel(
+            lambda group: run_parallel(put, group, workers, name="hpstore-ckpt-write"), groups, 2
+        )
+        objects = dict(done[0] + done[1])
     except BaseException:
         _discard(storage, step, gen)
         raise
@@ -94,6 +106,10 @@ def prune_generations(storage: Storage, step: int, keep: str) -> None:
     stale = {k.split("/", 1)[0] for k in st.list() if "/" in k} - {keep}
     for name in sorted(stale):
         st.delete_prefix(name)
+
+
+def _size(payload: Payload) -> int:
+    return len(payload) if isinstance(payload, bytes) else payload[1].stored
 
 
 def _chunk_bytes(snap: Snapshot, index: int, c: ChunkSpec) -> np.ndarray:

@@ -303,10 +303,12 @@ def test_clear_errors_for_missing_and_unsaveable(tmp_path: Path) -> None:
 
 def test_load_to_a_device(tmp_path: Path) -> None:
     ck = Checkpointer(str(tmp_path))
-    ck.save(1, {"w": torch.ones(3)})
+    ck.save(1, {"w": torch.ones(3), "empty": torch.zeros(0, 2), "np": np.ones(2)})
     ck.wait()
     assert ck.load(map_location="cpu")["w"].device.type == "cpu"
-    assert ck.load(map_location=torch.device("meta"))["w"].device.type == "meta"
+    moved = ck.load(map_location=torch.device("meta"))
+    assert moved["w"].device.type == "meta" and moved["empty"].device.type == "meta"
+    assert isinstance(moved["np"], np.ndarray)  # numpy arrays stay numpy arrays
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
