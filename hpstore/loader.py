@@ -83,7 +83,16 @@ DEFAULT_CACHE_DISK_BYTES = 16 << 30
 DEFAULT_SHUFFLE_WINDOW = 16
 DEFAULT_IO_THREADS = 8
 STATE_VERSION = 1
-PLAN_KEYS = ("num_samples", "chunk_rows", "batch_size", "world_size", "seed", "shuffle", "drop_last")
+PLAN_KEYS = (
+    "num_samples",
+    "chunk_rows",
+    "batch_size",
+    "world_size",
+    "seed",
+    "shuffle",
+    "drop_last",
+    "window_chunks",
+)
 """State entries that must match the loader a state is loaded into (they define the plan)."""
 
 

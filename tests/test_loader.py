@@ -153,6 +153,8 @@ def test_state_is_checked_on_load(ds: hpstore.Dataset) -> None:
         Loader(ds, 40).load_state_dict(state)
     with pytest.raises(InputError, match="world_size"):
         Loader(ds, 50, rank=0, world_size=2).load_state_dict(state)
+    with pytest.raises(InputError, match="window_chunks=16 but this loader has window_chunks=4"):
+        Loader(ds, 50, shuffle_window=4).load_state_dict(state)
     with pytest.raises(InputError, match="lacks step"):
         Loader(ds, 50).load_state_dict({k: v for k, v in state.items() if k != "step"})
     with pytest.raises(InputError, match="out of range"):
