@@ -6,9 +6,9 @@ IDX like the originals, holding about ``N`` MB of 28x28 uint8 images (train:test
 
 The images are learnable but not trivial: each class is a digit-like stroke drawing, rendered in many
 variants (rotation, scale, slant, stroke width) and placed with a random shift, with intensity jitter,
-speckle noise and occasional occlusions. A small CNN separates the classes within an epoch; a linear
-model on raw pixels does well but not perfectly, because shifts and rotations move strokes between
-pixels.
+speckle noise and occasional occlusions. Measured on 60k/10k samples: a small two-layer CNN reaches
+~97% test accuracy after one epoch, a linear model on raw pixels ~45% after three (shifts and
+rotations move strokes between pixels), nearest class mean ~30%.
 
 Generation is vectorised over blocks of samples and deterministic by seed: block ``b`` draws from
 ``SeedSequence(seed).spawn(...)[b]``, so the output does not depend on the number of threads.
