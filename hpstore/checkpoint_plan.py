@@ -3,12 +3,13 @@
 Pure functions of their inputs (shapes, dtypes, step numbers): no I/O, no device work. The
 checkpointer executes these plans; tests check them directly.
 
-Layout of one checkpoint (a Zarr v3 group under one prefix)::
+Layout of one checkpoint (a Zarr v3 group under one prefix; ``docs/CHECKPOINTS.md`` in full)::
 
-    step-000000123/zarr.json                    group metadata
-    step-000000123/00000-model.fc.weight/       one Zarr v3 array per tensor (zarr.json + c/...)
-    step-000000123/tree.json                    the tagged JSON tree (non-tensor leaves, structure)
-    step-000000123/manifest.json                sizes and CRC32C of every object; written last
+    step-000000123/manifest.json                     sizes and CRC32C of every object; written last
+    step-000000123/zarr.json                         group metadata
+    step-000000123/data-<gen>/zarr.json              group metadata of this save's generation
+    step-000000123/data-<gen>/tree.json              the tagged JSON tree (structure, non-tensor leaves)
+    step-000000123/data-<gen>/00000-model.fc.weight/ one Zarr v3 array per tensor (zarr.json + c/...)
 
 Each array is chunked along its leading axes so that a chunk is one contiguous byte range of the
 C-ordered tensor of about ``chunk_bytes``: chunks are written and read in parallel, and every
