@@ -42,7 +42,7 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"
     amp: AmpName = "none"
-    workers: int = 0
+    workers: int = 2
     cache_bytes: int = 256 << 20
     prefetch_bytes: int = 64 << 20
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--amp", choices=["none", "bf16"], default=d.amp, help="autocast dtype")
-    p.add_argument("--workers", type=int, default=d.workers, help="loader worker count")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=d.workers,
+        help="loader threads reading ahead (0: read in the training thread)",
+    )
     p.add_argument(
         "--cache-bytes", type=parse_size, default=d.cache_bytes, help="loader RAM cache, e.g. 512M"
     )

@@ -72,8 +72,11 @@ class Dist:
             tdist.destroy_process_group()
 
 
-def resolve_device(name: str, local_rank: int) -> torch.device:
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+def resolve_device(name: str, local_rank: int, local_world_size: int = 1) -> torch.device:
+    """``auto`` means one GPU per local rank when there are enough of them, else the CPU for every
+    rank (ranks of one job never mix devices: gloo and NCCL do not mix)."""
+    enough = torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size
+    if name == "cuda" or (name == "auto" and enough):
         if not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available")
         if local_rank >= torch.cuda.device_count():
@@ -88,7 +91,7 @@ def init(device: str = "auto") -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if world_size > 1 and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         tdist.init_process_group(

@@ -53,6 +53,8 @@ class Feeder:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         assert self.stream is not None
+        if t.device == self.device:
+            return t
         host = t if t.is_pinned() else t.pin_memory()
         with torch.cuda.stream(self.stream):
             out = host.to(self.device, non_blocking=True)

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from typing import IO, Any, Protocol
 
 import torch
@@ -101,6 +102,18 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def wrap_ddp(model: nn.Module, dist: Dist) -> nn.Module:
+    """DDP without a buffer broadcast before every forward: the buffers (normalisation constants)
+    are equal on every rank by construction."""
+    with warnings.catch_warnings():
+        # torch >= 2.13 suggests forward_sync_buffers, which older releases lack; the meaning is the same here.
+        warnings.simplefilter("ignore", FutureWarning)
+        return DistributedDataParallel(
+            model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+            broadcast_buffers=False, gradient_as_bucket_view=True,
+        )  # fmt: skip
+
+
 def seed_rank(seed: int, rank: int) -> None:
     """Per-rank random streams (anything random after model init differs by rank, reproducibly)."""
     import random
@@ -141,12 +154,7 @@ class Trainer:
 
         self.ckpts = RunCheckpoints(cfg, dist, run_meta(cfg, self.task, dist))
         self.pos = self._resume_or_start()
-        self.net: nn.Module = self.model
-        if dist.active:
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                forward_sync_buffers=False, gradient_as_bucket_view=True,
-            )  # fmt: skip
+        self.net: nn.Module = wrap_ddp(self.model, dist) if dist.active else self.model
 
         self._announce(train_ds)
         self.tally = Tally()
