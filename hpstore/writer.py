@@ -53,7 +53,7 @@ class Layout:
     shard_bytes: int = 64 << 20
     codec: Codec = field(default_factory=lambda: {"name": "zstd", "level": 1})
     workers: int = 2
-    writers: int = 4
+    writers: int = 2
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024:
