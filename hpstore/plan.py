@@ -31,6 +31,12 @@ num_workers`` (``assign``). Whoever builds the windows, they are delivered in wi
 output order does not depend on the number of workers at all: a state saved with 4 workers and
 loaded with 0 yields the same remaining samples in the same order.
 
+Ranks and caches. The chunk order, and so which chunks a rank reads, changes every epoch (a sample
+meets different neighbours and ranks each epoch). The price is cross-epoch reuse: with ``W`` ranks
+only about ``1/W`` of the chunks a rank reads in one epoch are its again in the next, so a per-rank
+cache's hit rate from epoch 2 on is about ``min(c, 1/W)`` rather than ``c`` (ranks on one machine
+still share the page cache).
+
 Resume. A position is two integers, ``(epoch, step)``, and it is the same on every rank (all ranks
 run the same steps). The remaining work is window ``step // batches_per_window`` from batch
 ``step % batches_per_window`` on; computing it costs the same at any step.
