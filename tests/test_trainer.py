@@ -7,10 +7,14 @@ Whole runs on one and two processes, their metrics and kill-and-resume exactness
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +104,34 @@ def test_models_take_the_stored_layout(shape: tuple[int, ...], layout: str) -> N
         assert build_model(name, task)(x).shape == (5, 7)
     with pytest.raises(InputError, match="try --model mlp"):
         build_model("cnn", Task(**{**task.__dict__, "input_shape": (100,)}))
+
+
+def test_progress_bar_on_a_terminal_only(store: str) -> None:
+    """On a real pseudo-terminal rank 0 draws a tqdm bar; piped output (every other test) gets lines."""
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    args = ["--data", store, "--model", "mlp", "--epochs", "1", "--batch-size", "64", "--eval-split", "none"]
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", *args], cwd=ROOT, env=trainer_env(), stdout=secondary,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    finally:
+        os.close(secondary)
+    drawn = b""
+    while True:
+        try:
+            data = os.read(primary, 4096)
+        except OSError:  # the terminal closes once everything was read
+            break
+        if not data:
+            break
+        drawn += data
+    os.close(primary)
+    assert proc.wait(timeout=120) == 0
+    assert b"6/6 [" in drawn and b"step/s" in drawn and b"samples/s, data wait" in drawn
+    piped = run_trainer(args)
+    assert piped.returncode == 0 and "step/s" not in piped.stdout and "|" in piped.stdout
 
 
 # -- errors ----------------------------------------------------------------------------------------

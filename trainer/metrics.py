@@ -14,8 +14,8 @@ JSONL records (``--metrics FILE``, rank 0, one object per line; MB = 10^6 bytes)
 ``kind="train"`` every ``--log-every`` steps, and ``kind="epoch"`` at the end of each epoch:
     time (unix s), step (optimizer steps so far), epoch (1-based), loss (mean training loss over
     the window, all ranks), lr, samples (global, in the window), samples_per_s (global),
-    step_time_s (mean wall time per step), data_wait_frac, data_wait_frac_mean, read_mb_per_s (all
-    ranks' loaders together), cache_hit_rate (chunk hits ÷ lookups, null when there were none),
+    step_time_s (mean wall time per step), data_wait_frac, data_wait_frac_mean, read_mb_per_s (bytes the
+    loaders fetched from storage, as stored, i.e. compressed; all ranks together), cache_hit_rate (chunk hits ÷ lookups, null when there were none),
     ckpt_stall_s (time the loop spent inside checkpoint saves, rank 0).
 ``kind="epoch"`` adds: epoch_time_s, eval_loss, eval_acc, eval_samples (null without an eval split).
 ``kind="summary"`` once at the end: epochs, steps, samples, train_time_s, samples_per_s,
@@ -156,6 +156,12 @@ def format_window(r: dict[str, Any]) -> str:
         f"{_pct(r['data_wait_frac'])} (mean {_pct(r['data_wait_frac_mean'])}) | read "
         f"{r['read_mb_per_s']:.1f} MB/s, cache hits {_pct(r['cache_hit_rate'])}"
     )
+
+
+def format_status(r: dict[str, Any]) -> str:
+    """The short form shown beside the progress bar."""
+    loss = "n/a" if r.get("loss") is None else f"{r['loss']:.4f}"
+    return f"loss {loss}, {r['samples_per_s']:,.0f} samples/s, data wait {_pct(r['data_wait_frac'])}"
 
 
 class Progress:

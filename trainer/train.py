@@ -30,7 +30,15 @@ from trainer.config import AUTO_EVAL, TrainConfig
 from trainer.distributed import Dist
 from trainer.evaluate import EvalResult, evaluate
 from trainer.feeder import Batch, Feeder
-from trainer.metrics import MetricsFile, Progress, Snapshot, Tally, format_window, reduce_window
+from trainer.metrics import (
+    MetricsFile,
+    Progress,
+    Snapshot,
+    Tally,
+    format_status,
+    format_window,
+    reduce_window,
+)
 from trainer.models import build_model
 from trainer.task import Task, build_task, check_split
 
@@ -304,7 +312,7 @@ class Trainer:
         }  # fmt: skip
         self.metrics.write(record)
         text = format_window(window)
-        self.progress.status(text)
+        self.progress.status(format_status(window))
         if kind == "epoch" or self.progress.bar is None:
             where = f"step {pos.step}/{self.total_steps} epoch {pos.epoch + 1}/{self.cfg.epochs}"
             if kind == "epoch":
