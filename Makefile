@@ -15,10 +15,16 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
+# The main job on a built-in default: make a sample dataset, ingest it, verify it, and train the
+# CNN on it for a short run on two processes (DDP over gloo) with write-behind checkpoints.
 demo: venv
 	$(PY) -m tools.sample $(DATA)/sample-src --size-mb 300
 	$(PY) -m tools.ingest $(DATA)/sample-src $(DATA)/sample-store --overwrite
 	$(PY) -m tools.inspect $(DATA)/sample-store --verify
+	rm -rf $(DATA)/ckpt $(DATA)/metrics.jsonl
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 -m trainer --data $(DATA)/sample-store \
+		--model cnn --epochs 1 --max-steps 300 --batch-size 128 --log-every 50 \
+		--ckpt $(DATA)/ckpt --ckpt-every 100 --metrics $(DATA)/metrics.jsonl
 
 lint: venv
 	$(VENV)/bin/ruff check hpstore trainer tools tests benchmarks
