@@ -26,7 +26,7 @@ import io
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +65,12 @@ class Setting:
 
 def settings(quick: bool) -> tuple[Setting, Setting]:
     compute = Setting(
-        name="compute", model="cnn", shape=(28, 28), samples=6_000 if quick else 60_000,
+        name="compute", model="cnn", shape=(28, 28), samples=4_000 if quick else 60_000,
         epochs=2 if quick else 3, batch_size=128, cache_bytes=256 << 20,
     )  # fmt: skip
     io_bound = Setting(
-        name="io", model="linear", shape=(3, 64, 64), samples=3_000 if quick else 20_000,
-        epochs=2 if quick else 3, batch_size=128, cache_bytes=(8 << 20) if quick else (32 << 20),
+        name="io", model="linear", shape=(3, 64, 64), samples=2_000 if quick else 20_000,
+        epochs=3, batch_size=128, cache_bytes=(8 << 20) if quick else (32 << 20),
         link_mb_per_s=25.0,
     )  # fmt: skip
     return compute, io_bound
@@ -207,7 +207,7 @@ def train_once(store: str, s: Setting, *, in_memory: bool) -> RunResult:
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg, dist, loaders=MemoryLoader if in_memory else loaders_for(s))
         trainer.fit()
-    recs = trainer.epoch_records[1:]  # epoch 2 on
+    recs = trainer.epoch_records[1:] or trainer.epoch_records  # epoch 2 on (the warm-up has one)
     wall = sum(r["wall_s"] for r in recs)
     return RunResult(
         samples_per_s=sum(r["samples"] for r in recs) / wall,
@@ -238,6 +238,8 @@ def _side_by_side(
     store: str, s: Setting, repeats: int, progress: Progress
 ) -> tuple[list[RunResult], list[RunResult]]:
     fed, mem = [], []
+    progress(f"{s.label}: warm-up run (not measured)")
+    train_once(store, replace(s, epochs=1), in_memory=True)
     for i in range(repeats):
         progress(f"{s.label}: repeat {i + 1}/{repeats}, from the store")
         fed.append(train_once(store, s, in_memory=False))
