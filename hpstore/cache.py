@@ -30,8 +30,10 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
+
+from hpstore.counters import Counters
 
 NEVER = sys.maxsize
 """Next-use position of a key the known future never touches again."""
@@ -148,7 +150,7 @@ class LruPolicy(Policy):
 
 
 @dataclass
-class CacheStats:
+class CacheStats(Counters):
     """``hits`` counts requests served without a fetch (resident, or already being fetched by
     another thread); ``misses`` the keys fetched; ``bypassed`` fetched keys not admitted."""
 
@@ -161,15 +163,6 @@ class CacheStats:
     fetch_seconds: float = 0.0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     @property
     def hit_rate(self) -> float:

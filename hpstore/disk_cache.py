@@ -34,11 +34,12 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Hashable, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from hpstore.cache import FurthestUsePolicy, LruPolicy, Policy
 from hpstore.checksum import crc32c
+from hpstore.counters import Counters
 from hpstore.errors import InputError
 from hpstore.storage import Range
 
@@ -52,7 +53,7 @@ RESCAN_SECONDS = 1.0
 
 
 @dataclass
-class DiskCacheStats:
+class DiskCacheStats(Counters):
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
@@ -62,15 +63,6 @@ class DiskCacheStats:
     written_bytes: int = 0
     resident_bytes: int = 0
     rescans: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
     @property
     def hit_rate(self) -> float:

@@ -68,6 +68,7 @@ from hpstore import batch as batching
 from hpstore.buffers import BufferPool
 from hpstore.cache import ChunkCache, FurthestUsePolicy, Policy
 from hpstore.chunks import Chunk
+from hpstore.counters import Counters
 from hpstore.dataset import Dataset
 from hpstore.disk_cache import ChunkDiskCache
 from hpstore.errors import InputError
@@ -97,7 +98,7 @@ PLAN_KEYS = (
 
 
 @dataclass
-class LoaderStats:
+class LoaderStats(Counters):
     """Counters of what the loader did (cumulative over epochs). Cache counters are added in
     ``Loader.stats``."""
 
@@ -110,14 +111,6 @@ class LoaderStats:
     windows: int = 0
     batches: int = 0
     samples: int = 0
-
-    def __post_init__(self) -> None:
-        self._lock = threading.Lock()
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -12,15 +12,15 @@ Every backend counts what it does in ``stats``.
 from __future__ import annotations
 
 import os
-import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
+from hpstore.counters import Counters
 from hpstore.errors import HpstoreError, InputError, ObjectNotFoundError, StorageError
 from hpstore.failures import (
     Redactor,
@@ -36,7 +36,7 @@ Range = tuple[str, int, int]
 
 
 @dataclass
-class StorageStats:
+class StorageStats(Counters):
     """Counters of one storage stack. Reads and writes are counted where bytes move (successful
     requests only); ``errors`` counts failed requests, ``retries`` the requests repeated after a
     transient failure, ``failures`` the operations given up after the retry bound."""
@@ -51,15 +51,6 @@ class StorageStats:
     retry_wait_seconds: float = 0.0
     read_seconds: float = 0.0
     write_seconds: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(self, **deltas: float) -> None:
-        with self._lock:
-            for name, delta in deltas.items():
-                setattr(self, name, getattr(self, name) + delta)
-
-    def as_dict(self) -> dict[str, float]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.name.startswith("_")}
 
 
 def check_key(key: str) -> str:
