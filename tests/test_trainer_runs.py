@@ -33,7 +33,7 @@ from tests.test_trainer import ROOT, records, run_trainer, trainer_env
 from trainer.__main__ import main as trainer_main
 from trainer.metrics import EPOCH_KEYS, SUMMARY_KEYS, TRAIN_KEYS
 
-EPOCHS, BATCH, TRAIN, TEST = 2, 16, 384, 128
+EPOCHS, BATCH, TRAIN, TEST = 2, 16, 384, 127  # 127: two ranks evaluate one sample twice
 MODELS = {1: "cnn", 2: "mlp"}
 
 
