@@ -49,6 +49,7 @@ from benchmarks.common import BenchConfig, Figure, Progress, main
 from hpstore.checkpoint import Checkpointer
 from hpstore.dataset import Store
 from hpstore.storage import Range, Storage, open_storage, parallel_map
+from hpstore.wrappers import ForwardingStorage
 from hpstore.writer import Layout, StoreWriter
 from tests.support.s3server import S3Server
 
@@ -99,35 +100,20 @@ def write_store(server: S3Server, url: str, n: int) -> int:
         return w.commit().total_bytes
 
 
-class Recorder(Storage):
-    """Passes everything to ``inner`` and records every range request (the requests the loader
-    really issued, after coalescing), so the raw baseline can replay exactly those."""
+class Recorder(ForwardingStorage):
+    """Records every range request (the requests the loader really issued, after coalescing),
+    so the raw baseline can replay exactly those."""
 
     def __init__(self, inner: Storage) -> None:
-        self.inner, self.url, self.stats = inner, inner.url, inner.stats
+        super().__init__(inner)
         self.ranges: list[Range] = []
 
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
         self.ranges.extend(ranges)
         return self.inner.read_ranges(ranges)
 
-    def read(self, key: str) -> bytes:
-        return self.inner.read(key)
-
     def read_range(self, key: str, start: int, end: int) -> bytes:
         return self.read_ranges([(key, start, end)])[0]
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        self.inner.write(key, data)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> dict[str, int]:
-        return self.inner.list(prefix)
-
-    def delete_prefix(self, prefix: str) -> None:
-        self.inner.delete_prefix(prefix)
 
 
 def loader_epoch(ds: hpstore.Dataset, recorder: Recorder) -> tuple[float, int, int]:

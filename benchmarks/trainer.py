@@ -38,6 +38,7 @@ from benchmarks.common import BenchConfig, Figure, Progress, main
 from hpstore.dataset import Dataset, Store
 from hpstore.loader import Loader
 from hpstore.storage import Range, Storage, open_storage
+from hpstore.wrappers import ForwardingStorage
 from hpstore.writer import Layout, StoreWriter
 from trainer import distributed
 from trainer.config import TrainConfig
@@ -129,12 +130,12 @@ class MemoryLoader:
             yield {self.input: self.x[idx], self.target: self.y[idx], "index": idx}
 
 
-class Link(Storage):
+class Link(ForwardingStorage):
     """Reads through a link of ``mb_per_s``: each request occupies it for ``bytes / bandwidth``
     seconds, one request at a time, spent sleeping (so the link costs no CPU)."""
 
     def __init__(self, inner: Storage, mb_per_s: float) -> None:
-        self.inner, self.url, self.stats = inner, inner.url, inner.stats
+        super().__init__(inner)
         self.seconds_per_byte = 1 / (mb_per_s * 1e6)
         self._lock = threading.Lock()
         self._free_at = 0.0
@@ -158,18 +159,6 @@ class Link(Storage):
         out = self.inner.read_ranges(ranges)
         self._occupy(sum(len(b) for b in out))
         return out
-
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        self.inner.write(key, data)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> dict[str, int]:
-        return self.inner.list(prefix)
-
-    def delete_prefix(self, prefix: str) -> None:
-        self.inner.delete_prefix(prefix)
 
 
 def loaders_for(s: Setting) -> LoaderFactory:

@@ -72,7 +72,8 @@ def write_checkpoint(
         key, payload = job
         data = payload if isinstance(payload, bytes) else _chunk_bytes(snap, *payload)
         entry = ObjectEntry(size=len(data), crc32c=crc32c_hex(data))
-        st.write(key, data if isinstance(data, bytes) else data.data)
+        # Durable as a whole by one sync before the manifest, not by an fsync per object.
+        st.write(key, data if isinstance(data, bytes) else data.data, durable=False)
         return key, entry
 
     try:
@@ -80,6 +81,11 @@ def write_checkpoint(
             lambda group: run_parallel(put, group, workers, name="hpstore-ckpt-write"), groups, 2
         )
         objects = dict(done[0] + done[1])
+    except BaseException:
+        _discard(storage, step, gen)
+        raise
+    try:
+        st.sync()
     except BaseException:
         _discard(storage, step, gen)
         raise

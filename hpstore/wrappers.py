@@ -21,6 +21,45 @@ __all__ = ["LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
 T = TypeVar("T")
 
 
+class ForwardingStorage(Storage):
+    """Passes every call to ``inner``: subclass it and override only the behaviour you add."""
+
+    def __init__(self, inner: Storage) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.stats = inner.stats
+
+    def read(self, key: str) -> bytes:
+        return self.inner.read(key)
+
+    def read_into(self, key: str, out: memoryview) -> int:
+        return self.inner.read_into(key, out)
+
+    def read_range(self, key: str, start: int, end: int) -> bytes:
+        return self.inner.read_range(key, start, end)
+
+    def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
+        return self.inner.read_ranges(ranges)
+
+    def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
+        return self.inner.read_ranges_each(ranges)
+
+    def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        self.inner.write(key, data, durable=durable)
+
+    def sync(self) -> None:
+        self.inner.sync()
+
+    def size(self, key: str) -> int:
+        return self.inner.size(key)
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        return self.inner.list(prefix)
+
+    def delete_prefix(self, prefix: str) -> None:
+        self.inner.delete_prefix(prefix)
+
+
 class RetryingStorage(Storage):
     """Retries transient failures; permanent ones raise at once. ``read_ranges`` repeats only the
     ranges that failed, so one flaky request out of a hundred in flight costs one request."""
@@ -94,8 +133,11 @@ class RetryingStorage(Storage):
             results[i] = self._gave_up(f"read of bytes [{start}:{end}]", key, last)
         return results
 
-    def write(self, key: str, data: bytes | memoryview) -> None:
-        self._call("write", key, lambda: self.inner.write(key, data))
+    def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
+        self._call("write", key, lambda: self.inner.write(key, data, durable=durable))
+
+    def sync(self) -> None:
+        self.inner.sync()
 
     def size(self, key: str) -> int:
         return self._call("stat", key, lambda: self.inner.size(key))
@@ -133,9 +175,12 @@ class LatencyStorage(Storage):
         time.sleep(self.seconds)
         return self.inner.read_ranges_each(ranges)
 
-    def write(self, key: str, data: bytes | memoryview) -> None:
+    def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         time.sleep(self.seconds)
-        self.inner.write(key, data)
+        self.inner.write(key, data, durable=durable)
+
+    def sync(self) -> None:
+        self.inner.sync()
 
     def size(self, key: str) -> int:
         time.sleep(self.seconds)

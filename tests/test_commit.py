@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,43 +21,26 @@ import pytest
 import hpstore
 from hpstore.errors import ObjectNotFoundError, StoreExistsError, StoreNotFoundError
 from hpstore.manifest import MANIFEST_KEY, Manifest
-from hpstore.storage import LocalStorage, Range, Storage
+from hpstore.storage import LocalStorage, Storage
 from hpstore.verify import verify
+from hpstore.wrappers import ForwardingStorage
 from hpstore.writer import StoreWriter
 from tests.support.stores import SMALL, sample_columns, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class BeforeManifest(Storage):
-    """Passes everything through, and calls ``hook`` just before ``manifest.json`` is written."""
+class BeforeManifest(ForwardingStorage):
+    """Calls ``hook`` just before ``manifest.json`` is written."""
 
     def __init__(self, inner: Storage, hook: Callable[[], None]) -> None:
-        self.inner, self.hook = inner, hook
-        self.url, self.stats = inner.url, inner.stats
+        super().__init__(inner)
+        self.hook = hook
 
-    def write(self, key: str, data: bytes | memoryview) -> None:
+    def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         if key == MANIFEST_KEY:
             self.hook()
-        self.inner.write(key, data)
-
-    def read(self, key: str) -> bytes:
-        return self.inner.read(key)
-
-    def read_range(self, key: str, start: int, end: int) -> bytes:
-        return self.inner.read_range(key, start, end)
-
-    def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
-        return self.inner.read_ranges(ranges)
-
-    def size(self, key: str) -> int:
-        return self.inner.size(key)
-
-    def list(self, prefix: str = "") -> dict[str, int]:
-        return self.inner.list(prefix)
-
-    def delete_prefix(self, prefix: str) -> None:
-        self.inner.delete_prefix(prefix)
+        self.inner.write(key, data, durable=durable)
 
 
 def assert_exactly_committed(root: Path, m: Manifest) -> None:

@@ -111,3 +111,11 @@ def test_latency_storage_delegates(tmp_path: os.PathLike[str]) -> None:
     s = LatencyStorage(LocalStorage(str(tmp_path)), 0.0)
     s.write("k", b"v")
     assert s.read_ranges([("k", 0, 1)]) == [b"v"]
+
+
+def test_deferred_writes_are_atomic_and_synced_together(storage: Storage) -> None:
+    for i in range(20):
+        storage.write(f"batch/{i}", bytes([i]) * 100, durable=False)
+    storage.sync()
+    assert storage.list("batch") == {f"batch/{i}": 100 for i in range(20)}
+    assert storage.read("batch/7") == bytes([7]) * 100
