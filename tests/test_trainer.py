@@ -212,3 +212,16 @@ def test_fixed_seed_loss_matches_the_committed_baseline(store: str, tmp_path: Pa
     assert len(got["train_loss"]) == len(want["train_loss"]) == 24
     np.testing.assert_allclose(got["train_loss"], want["train_loss"], rtol=1e-6)
     np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-6)
+
+
+def test_disk_cache_flag_keeps_training_chunks_on_disk(store: str, tmp_path: Path) -> None:
+    """``--cache-dir`` gives the training loader a verified disk tier; the run still learns the same."""
+    cache = tmp_path / "cache"
+    metrics = tmp_path / "m.jsonl"
+    r = run_trainer(["--data", store, *BASELINE_ARGS, "--metrics", str(metrics), "--cache-dir", str(cache)])
+    assert r.returncode == 0, r.stderr
+    kept = [p for p in cache.iterdir() if p.suffix == ".chunk"]
+    assert kept and sum(p.stat().st_size for p in kept) > 0
+    want = json.loads(BASELINE.read_text())
+    train_loss = [rec["loss"] for rec in records(metrics) if rec["kind"] == "train"]
+    np.testing.assert_allclose(train_loss, want["train_loss"], rtol=1e-6)

@@ -45,6 +45,8 @@ class TrainConfig:
     workers: int = 2
     cache_bytes: int = 256 << 20
     prefetch_bytes: int = 64 << 20
+    cache_dir: str | None = None
+    cache_disk_bytes: int = 16 << 30
     storage_options: dict[str, Any] = field(default_factory=dict)
     ckpt: str | None = None
     ckpt_every: int = 0
@@ -143,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefetch-bytes", type=parse_size, default=d.prefetch_bytes, help="loader read-ahead budget"
     )
     p.add_argument(
+        "--cache-dir", default=None, help="local disk cache for chunks of a remote store (verified, shared)"
+    )
+    p.add_argument(
+        "--cache-disk-bytes", type=parse_size, default=d.cache_disk_bytes, help="disk cache budget, e.g. 50G"
+    )
+    p.add_argument(
         "--storage-option", action="append", default=[], metavar="K=V", type=parse_storage_option,
         help="fsspec option for the store and the checkpoints (repeatable)",
     )  # fmt: skip
@@ -196,6 +204,8 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         workers=a.workers,
         cache_bytes=a.cache_bytes,
         prefetch_bytes=a.prefetch_bytes,
+        cache_dir=a.cache_dir,
+        cache_disk_bytes=a.cache_disk_bytes,
         storage_options=dict(a.storage_option),
         ckpt=a.ckpt,
         ckpt_every=a.ckpt_every,

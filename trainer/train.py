@@ -97,6 +97,8 @@ def make_loader(ds: Dataset, cfg: TrainConfig, dist: Dist, *, train: bool, with_
         prefetch_bytes=cfg.prefetch_bytes,
         cache_bytes=cfg.cache_bytes,
         with_index=with_index,
+        cache_dir=cfg.cache_dir if train else None,  # eval reads each sample once: nothing to keep
+        cache_disk_bytes=cfg.cache_disk_bytes,
     )
 
 
