@@ -181,6 +181,7 @@ class RunResult:
     data_wait_frac: float
     read_mb_per_s: float
     epoch_s: float
+    epoch_waits: tuple[float, ...]  # data-wait fraction of every epoch, the first included
 
 
 def train_config(store: str, s: Setting) -> TrainConfig:
@@ -196,6 +197,7 @@ def train_once(store: str, s: Setting, *, in_memory: bool) -> RunResult:
     with contextlib.redirect_stdout(io.StringIO()):
         trainer = Trainer(cfg, dist, loaders=MemoryLoader if in_memory else loaders_for(s))
         trainer.fit()
+    waits = tuple(float(r["data_wait_frac"]) for r in trainer.epoch_records)
     recs = trainer.epoch_records[1:] or trainer.epoch_records  # epoch 2 on (the warm-up has one)
     wall = sum(r["wall_s"] for r in recs)
     return RunResult(
@@ -203,7 +205,19 @@ def train_once(store: str, s: Setting, *, in_memory: bool) -> RunResult:
         data_wait_frac=sum(r["data_wait_frac"] * r["wall_s"] for r in recs) / wall,
         read_mb_per_s=sum(r["read_mb_per_s"] * r["wall_s"] for r in recs) / wall,
         epoch_s=wall / len(recs),
+        epoch_waits=waits,
     )
+
+
+def wait_per_epoch(label: str, fed: list[RunResult]) -> list[Figure]:
+    """One figure per epoch (the ``data_wait`` plot): the store-fed runs' data-wait fraction."""
+    epochs = min(len(r.epoch_waits) for r in fed)
+    return [
+        Figure(bench=BENCH, name=f"{label} data-wait fraction, epoch {e + 1}", unit="%",
+               values=[100 * r.epoch_waits[e] for r in fed], higher_is_better=False,
+               extra={"plot": "data_wait", "x": e + 1, "series": label})
+        for e in range(epochs)
+    ]  # fmt: skip
 
 
 def loader_alone_mb_per_s(store: str, s: Setting) -> float:
@@ -252,6 +266,7 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
                baseline_values=[r.samples_per_s for r in mem], target="≥ 0.95×", extra=extra),
         Figure(bench=BENCH, name=f"{compute.label} data-wait fraction, store-fed", unit="%",
                values=[100 * r.data_wait_frac for r in fed], higher_is_better=False, target="≤ 2%", extra=extra),
+        *wait_per_epoch(compute.label, fed),
     ]  # fmt: skip
 
     store = build_store(root / f"images-3x64x64-{io_bound.samples}", io_bound)
@@ -272,6 +287,7 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
         Figure(bench=BENCH, name=f"{io_bound.label} samples/s, store-fed", unit="samples/s",
                values=[r.samples_per_s for r in fed], baseline="in-memory tensors",
                baseline_values=[r.samples_per_s for r in mem], extra=extra),
+        *wait_per_epoch(io_bound.label, fed),
     ]  # fmt: skip
     return figures
 
