@@ -306,7 +306,9 @@ WHERE = {
 
 def decide(results: dict[str, list[float]], current: str | None) -> tuple[str, str]:
     """(chosen label, verdict) from each label's measurements: the best median wins, except that
-    the current default is kept when its median is within ``KEEP_WITHIN`` of the best."""
+    the current default is kept when its median is within ``KEEP_WITHIN`` of the best, or when the
+    two spreads overlap (the slowest run of the best is not faster than the fastest of the current):
+    on a noisy machine a change must be more than noise."""
     medians = {k: float(np.median(v)) for k, v in results.items()}
     best = max(medians, key=lambda k: medians[k])
     if current is None:
@@ -315,6 +317,8 @@ def decide(results: dict[str, list[float]], current: str | None) -> tuple[str, s
         return best, f"current {current} not in the sweep grid"
     if medians[current] >= (1 - KEEP_WITHIN) * medians[best]:
         return current, "keep"
+    if min(results[best]) <= max(results[current]):
+        return current, f"keep ({best} {medians[best] / medians[current]:.2f}× by median, within the spread)"
     return best, f"change {current} -> {best} ({medians[best] / medians[current]:.2f}×)"
 
 

@@ -400,6 +400,8 @@ def test_decide_keeps_the_current_default_within_noise() -> None:
     assert sweep.decide({"1 MiB": [100.0], "4 MiB": [103.0]}, "1 MiB") == ("1 MiB", "keep")
     chosen, verdict = sweep.decide({"1 MiB": [100.0, 90.0, 110.0], "4 MiB": [130.0]}, "1 MiB")
     assert chosen == "4 MiB" and verdict.startswith("change 1 MiB -> 4 MiB (1.30×)")
+    chosen, verdict = sweep.decide({"1 MiB": [100.0, 60.0, 140.0], "4 MiB": [130.0, 120.0, 150.0]}, "1 MiB")
+    assert chosen == "1 MiB" and verdict.startswith("keep (4 MiB")  # spreads overlap: noise, not a win
     assert sweep.decide({"1": [1.0], "2": [2.0]}, None) == ("2", "no default in the code yet")
     assert sweep.decide({"1": [1.0], "2": [2.0]}, "8") == ("2", "current 8 not in the sweep grid")
 
