@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ from tqdm import tqdm
 from hpstore import zarr_format as zf
 from hpstore.errors import HpstoreError, InputError, StorageError
 from hpstore.manifest import MANIFEST_KEY, Manifest
+from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
 from hpstore.storage import is_local, open_storage
 from hpstore.writer import Layout, StoreWriter
 from tools.sources import FORMATS, Split, open_splits
@@ -44,7 +43,6 @@ DEFAULT_LAYOUT = Layout()
 CODECS = ("zstd", "lz4", "none")
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,32 +109,8 @@ class IngestConfig:
         }
 
 
-def parse_size(text: str) -> int:
-    """``"1048576"``, ``"1MiB"``, ``"4M"``, ``"64MB"`` -> bytes (K/M/G/T are powers of 1024)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 1048576, 1MiB, 64M)")
-    power = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * 1024**power)
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return key, value
-
-
-def _option_value(text: str) -> Any:
-    """Storage option values: JSON where they parse (``true``, ``3``, ``{...}``), else the string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m tools.ingest",
         description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
         "into an hpstore store.",
@@ -145,7 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
     p.add_argument("--split", help="split name for a single source (default: train)")
     p.add_argument(
-        "--field", action="append", type=_pair, default=[], metavar="NAME=PATH", help="a field from a file"
+        "--field",
+        action="append",
+        type=parse_pair,
+        default=[],
+        metavar="NAME=PATH",
+        help="a field from a file",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     p.add_argument("--chunk-bytes", type=parse_size, default=DEFAULT_LAYOUT.chunk_bytes)
@@ -156,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--storage-option",
         action="append",
-        type=_pair,
+        type=parse_storage_option,
         default=[],
         metavar="K=V",
         help="fsspec option for DST",
@@ -183,7 +162,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         codec=a.codec,
         level=a.level,
         workers=a.workers,
-        storage_options=tuple((k, _option_value(v)) for k, v in a.storage_option),
+        storage_options=tuple(a.storage_option),
         progress=not a.no_progress,
     )
 

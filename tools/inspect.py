@@ -10,47 +10,22 @@ verification finds problems; 2 for bad input (not a store, unreadable manifest, 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 from hpstore.errors import HpstoreError, InputError
 from hpstore.manifest import FORMAT_NAME, Codec, FieldSpec, Manifest, SplitSpec, read_manifest
+from hpstore.options import OneLineParser, UsageError, parse_storage_options
 from hpstore.storage import Storage, is_local, open_storage
 from hpstore.verify import VerifyReport, verify
 
 PROG = "inspect"
 EXIT_PROBLEMS = 1
 EXIT_BAD_INPUT = 2
-
-
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other bad-input error of this tool (no usage block).
-        raise _UsageError(f"{message} (see --help)")
-
-
-def parse_storage_options(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["anon=true", "endpoint_url=http://h:9000"]`` -> kwargs; values parse as JSON when they can
-    (numbers, booleans, objects), otherwise stay strings."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--storage-option {pair!r}: expected KEY=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 def codec_label(codec: Codec) -> str:
@@ -221,7 +196,7 @@ def _report_dict(r: VerifyReport) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = _Parser(prog=PROG, description="Summarise (and with --verify, check) an hpstore store.")
+    p = OneLineParser(prog=PROG, description="Summarise (and with --verify, check) an hpstore store.")
     p.add_argument("store", help="store path or fsspec URL (s3://bucket/prefix, memory://name)")
     p.add_argument("--verify", action="store_true", help="re-read every object and check sizes and checksums")
     p.add_argument(
@@ -230,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="print the summary (and verify report) as JSON")
     try:
         a = p.parse_args(argv)
-    except _UsageError as exc:
+    except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from hpstore.errors import HpstoreError
+from hpstore.options import UsageError
 from trainer.config import parse_args
 
 
@@ -23,6 +24,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainer.train import summary_line, train  # after parsing: --help and usage errors stay fast
 
         summary = train(cfg)
+    except UsageError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
+        return 2
     except (HpstoreError, OSError) as exc:
         print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
         return 1

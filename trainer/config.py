@@ -8,13 +8,12 @@ could have rejected up front.
 from __future__ import annotations
 
 import argparse
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hpstore.errors import InputError
+from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
 ModelName = Literal["mlp", "cnn", "linear"]
 DeviceName = Literal["auto", "cpu", "cuda"]
@@ -22,9 +21,6 @@ AmpName = Literal["none", "bf16"]
 
 AUTO_EVAL = "auto"
 """``--eval-split`` default: the ``test`` split when the store has one, else no evaluation."""
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,28 +84,9 @@ def _positive(flag: str, value: int) -> None:
         raise InputError(f"{flag} must be at least 1, got {value}")
 
 
-def parse_size(text: str) -> int:
-    """``"256M"``, ``"1.5GiB"``, ``"4096"`` -> bytes (binary units)."""
-    m = _SIZE.match(text)
-    if not m:
-        raise InputError(f"not a size: {text!r} (examples: 4096, 64M, 1.5G)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
-
-def parse_storage_option(text: str) -> tuple[str, Any]:
-    """``K=V``; V is read as JSON when it parses (numbers, true/false, objects), else kept as text."""
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise InputError(f"--storage-option expects KEY=VALUE, got {text!r}")
-    try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig(data="")
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m trainer",
         description="Train a classifier from an hpstore store; under torchrun, one process per rank (DDP).",
     )
@@ -184,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
-    """The validated config for ``argv``; argparse exits with status 2 on malformed flags."""
+    """The validated config for ``argv``; a malformed command line raises ``UsageError``."""
     a = build_parser().parse_args(argv)
     eval_split = None if a.eval_split.lower() in ("", "none") else a.eval_split
     return TrainConfig(
