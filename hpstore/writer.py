@@ -54,6 +54,9 @@ class Layout:
     codec: Codec = field(default_factory=lambda: {"name": "zstd", "level": 1})
     workers: int = 2
     writers: int = 2
+    min_ratio: float = 1.1
+    """A fixed-shape field whose first chunk compresses less than this is stored raw (codec none):
+    decoding barely-compressible data (photos, noise) costs CPU on every read and saves no space."""
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1024:
@@ -105,6 +108,7 @@ class _FieldWriter:
             self.arrow_type = _to_arrow(first).type
         self.raw_nbytes = 0  # uncompressed bytes seen, recorded in the manifest for ratios
         self.pending: list[Future[Any]] = []  # chunks of the shard being assembled
+        self.codec: Codec | None = None  # chosen at the first chunk (see _choose_codec)
         self.shard_jobs: list[Future[Any]] = []
 
     def check(self, col: Column) -> None:
@@ -125,7 +129,9 @@ class _FieldWriter:
     def add_chunk(self, rows: Column) -> None:
         sw = self.sw
         if self.is_array:
-            self.pending.append(sw.writer.submit_encode(rows, sw.chunk_rows, sw.codec))
+            if self.codec is None:
+                self.codec = self._choose_codec(rows)
+            self.pending.append(sw.writer.submit_encode(rows, sw.chunk_rows, self.codec))
         else:
             done: Future[Any] = Future()
             batch = pa.record_batch([_to_arrow(rows)], names=[self.name])
@@ -134,6 +140,15 @@ class _FieldWriter:
             self.pending.append(done)
         if len(self.pending) == sw.chunks_per_shard:
             self.flush_shard()
+
+    def _choose_codec(self, first: np.ndarray) -> Codec:
+        """The split's codec, unless this field's first chunk shows it does not pay."""
+        codec = self.sw.codec
+        if codec["name"] == "none" or self.sw.writer.layout.min_ratio <= 1:
+            return codec
+        raw = first.nbytes
+        encoded = len(zf.encode_chunk(first, self.sw.chunk_rows, codec))
+        return codec if raw >= self.sw.writer.layout.min_ratio * encoded else {"name": "none"}
 
     def flush_shard(self) -> None:
         if not self.pending:
@@ -183,7 +198,7 @@ class _FieldWriter:
                 dtype=self.dtype,
                 chunk_rows=self.sw.chunk_rows,
                 chunks_per_shard=self.sw.chunks_per_shard,
-                codec=self.sw.codec,
+                codec=self.codec or self.sw.codec,
             )
             key, entry = self.sw.writer.put(f"{self.path}/zarr.json", meta)
             objects[key] = entry
@@ -193,7 +208,7 @@ class _FieldWriter:
                 path=self.path,
                 dtype=self.dtype,
                 shape=self.sample_shape,
-                codec=self.sw.codec,
+                codec=self.codec or self.sw.codec,
                 attrs=self.sw.attrs.get(self.name, {}),
                 nbytes=num_samples * np.dtype(self.dtype).itemsize * math.prod(self.sample_shape),
             )

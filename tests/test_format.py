@@ -66,7 +66,8 @@ def test_every_array_opens_with_plain_zarr(
 ) -> None:
     data = random_column(np.random.default_rng(seed), dtype, n, shape)
     with tempfile.TemporaryDirectory() as d:
-        layout = Layout(chunk_bytes=1024, shard_bytes=3072, codec=codec, workers=1, writers=1)
+        # min_ratio=1: keep the asked codec even for random data, so every codec is exercised.
+        layout = Layout(chunk_bytes=1024, shard_bytes=3072, codec=codec, workers=1, writers=1, min_ratio=1.0)
         m = write_store(LocalStorage(d), {"train": {"x": data}}, layout=layout)
         plain = np.asarray(
             zarr.open_array(os.path.join(d, m.splits["train"].fields["x"].path), mode="r")[...]
@@ -309,3 +310,26 @@ def test_format_doc_snippets_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     for block in blocks:
         scope: dict[str, Any] = {}
         exec(compile(block, str(DOCS), "exec"), scope)
+
+
+def test_incompressible_fields_are_stored_raw(tmp_path: Path) -> None:
+    """A field whose first chunk compresses less than ``min_ratio`` is written with codec none;
+    the others keep the asked codec; both read back exactly, also through plain zarr."""
+    rng = np.random.default_rng(7)
+    cols = {
+        "noise": rng.integers(0, 256, (500, 32, 32), dtype=np.uint8),
+        "flat": np.repeat(np.arange(500, dtype=np.int64)[:, None] % 3, 64, axis=1),
+    }
+    zstd = {"name": "zstd", "level": 1}
+    m = write_store(LocalStorage(str(tmp_path / "auto")), {"train": cols}, layout=Layout(codec=zstd))
+    fields = m.splits["train"].fields
+    assert fields["noise"].codec == {"name": "none"} and fields["flat"].codec == zstd
+    for name, col in cols.items():
+        assert same_bits(
+            np.asarray(zarr.open_array(str(tmp_path / "auto" / fields[name].path), mode="r")[...]), col
+        )
+        assert same_bits(hpstore.open(str(tmp_path / "auto")).split("train")[:][name], col)
+    forced = write_store(
+        LocalStorage(str(tmp_path / "forced")), {"train": cols}, layout=Layout(codec=zstd, min_ratio=1.0)
+    )
+    assert forced.splits["train"].fields["noise"].codec == zstd
