@@ -48,7 +48,8 @@ from benchmarks.codecs import digits
 from benchmarks.common import BenchConfig, Figure, Progress, main
 from hpstore.checkpoint import Checkpointer
 from hpstore.dataset import Store
-from hpstore.storage import Range, Storage, open_storage, parallel_map
+from hpstore.storage import Range, Storage, open_storage
+from hpstore.threads import run_parallel
 from hpstore.wrappers import ForwardingStorage
 from hpstore.writer import Layout, StoreWriter
 from tests.support.s3server import S3Server
@@ -235,10 +236,10 @@ def checkpoint_figures(server: S3Server, bucket: str, cfg: BenchConfig, progress
         blob = np.random.default_rng(r).bytes(chunk)
         keys = [f"obj{i}" for i in range(max(1, s.bytes // chunk))]
         t0 = time.perf_counter()
-        parallel_map(functools.partial(raw.write, data=blob), keys, workers)
+        run_parallel(functools.partial(raw.write, data=blob), keys, workers)
         put.append(len(keys) * chunk / (time.perf_counter() - t0) / 1e6)
         t0 = time.perf_counter()
-        parallel_map(raw.read, keys, workers)
+        run_parallel(raw.read, keys, workers)
         get.append(len(keys) * chunk / (time.perf_counter() - t0) / 1e6)
         root = open_storage(f"s3://{bucket}", options)
         for prefix in (f"ckpt-{r}", f"raw-{r}"):  # keep the server's memory flat across repeats

@@ -16,7 +16,6 @@ import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +29,7 @@ from hpstore.failures import (
     is_transient,
     safe_url,
 )
+from hpstore.threads import run_parallel
 
 Range = tuple[str, int, int]
 """``(key, start, end)``: bytes ``[start, end)`` of object ``key``."""
@@ -402,7 +402,9 @@ class FsspecStorage(Storage):
             return {"PartNumber": i + 1, "ETag": etag}
 
         try:
-            parts = parallel_map(put, range(-(-len(payload) // size)), self.part_workers)
+            parts = run_parallel(
+                put, range(-(-len(payload) // size)), self.part_workers, name="hpstore-upload"
+            )
             self.fs.call_s3(
                 "complete_multipart_upload",
                 Bucket=bucket,
@@ -580,11 +582,3 @@ def open_storage(url: str, storage_options: Mapping[str, Any] | None = None) -> 
     from hpstore.wrappers import RetryingStorage
 
     return RetryingStorage(FsspecStorage(url, storage_options))
-
-
-def parallel_map(fn: Any, items: Sequence[Any], workers: int) -> list[Any]:
-    """``[fn(x) for x in items]`` on a thread pool; the first error re-raises in the caller."""
-    if workers <= 1 or len(items) <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(fn, items))
