@@ -113,14 +113,17 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
         notes: set[str] = set()
         for r in range(cfg.repeats):
             progress(f"{case.label}: repeat {r + 1}/{cfg.repeats}: save, torch.save, sequential write")
+            os.sync()  # each timed write starts with no dirty pages left by the one before
             ck.save(r + 1, state)
             ck.wait()
             s = ck.stats[-1]
             assert s.persist_s is not None
             stall.append(s.stall_s)
             persist.append(nbytes / MB / s.persist_s)
+            os.sync()
             base_fsync.append(torch_save(state, pt, fsync=True))
             base_buffered.append(torch_save(state, pt, fsync=False))
+            os.sync()
             probe = root / "seq-write.bin"
             direct, buffered = write_file(probe, nbytes), write_file(probe, nbytes, direct=False)
             probe.unlink()

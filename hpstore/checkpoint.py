@@ -45,9 +45,16 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from hpstore.checkpoint_manifest import MANIFEST_KEY
-from hpstore.checkpoint_plan import array_specs, retention_plan, staging_offsets, step_prefix
+from hpstore.checkpoint_plan import (
+    ArraySpec,
+    array_specs,
+    plan_signature,
+    retention_plan,
+    staging_offsets,
+    step_prefix,
+)
 from hpstore.checkpoint_reader import checkpoint_steps, read_checkpoint
-from hpstore.checkpoint_tree import flatten
+from hpstore.checkpoint_tree import Leaf, Path, flatten
 from hpstore.checkpoint_writer import prune_generations, write_checkpoint
 from hpstore.errors import CheckpointError, InputError
 from hpstore.staging import StagingBuffer
@@ -127,6 +134,7 @@ class Checkpointer:
         self._pending: Future[None] | None = None
         self._stats: list[SaveStats] = []
         self._lock = threading.Lock()
+        self._plan: tuple[tuple[object, ...], list[ArraySpec], list[int], list[int]] | None = None
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -144,9 +152,7 @@ class Checkpointer:
         self._finish_pending()
         t1 = time.perf_counter()
         flat = flatten(state)
-        specs = array_specs(flat.leaves, flat.paths, self.layout.chunk_bytes)
-        sizes = [a.nbytes for a in specs]
-        offsets, _total = staging_offsets(sizes)
+        specs, offsets, sizes = self._array_plan(flat.leaves, flat.paths)
         tree = json.dumps(flat.tree, separators=(",", ":"), allow_nan=False).encode()
         snap = self._staging.snapshot(flat.leaves, offsets, sizes)
         t2 = time.perf_counter()
@@ -174,6 +180,18 @@ class Checkpointer:
         self._pending = future
         # Non-daemon: a script that returns right after save() still gets its checkpoint.
         threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+
+    def _array_plan(
+        self, leaves: list[Leaf], paths: list[Path]
+    ) -> tuple[list[ArraySpec], list[int], list[int]]:
+        """Array specs, staging offsets and sizes; remade only when the state's structure changes."""
+        signature = plan_signature(leaves, paths)
+        if self._plan is None or self._plan[0] != signature:
+            specs = array_specs(leaves, paths, self.layout.chunk_bytes)
+            sizes = [a.nbytes for a in specs]
+            offsets, _total = staging_offsets(sizes)
+            self._plan = (signature, specs, offsets, sizes)
+        return self._plan[1], self._plan[2], self._plan[3]
 
     def _persist(self, step: int, specs: Any, snap: Any, tree: bytes, index: int) -> None:
         t0 = time.perf_counter()

@@ -27,11 +27,16 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from hpstore import direct_io
 from hpstore.checkpoint_tree import Leaf, Path, path_str
 from hpstore.errors import CheckpointError
 
 ALIGN = 64
 """Staging offsets are multiples of this, so every dtype view of the buffer is aligned."""
+
+DIRECT_ALIGN = direct_io.ALIGN
+"""Arrays big enough to be written with ``O_DIRECT`` get slots (and chunks) aligned to this, so
+their chunks go from the staging buffer to the disk without passing through the page cache."""
 
 STEP_RE = re.compile(r"^step-(\d{9,})$")
 
@@ -115,6 +120,9 @@ def chunk_shape(shape: tuple[int, ...], itemsize: int, chunk_bytes: int) -> tupl
         if inner <= chunk_bytes:
             pieces = math.ceil(shape[axis] * inner / chunk_bytes)
             rows = math.ceil(shape[axis] / pieces)
+            step = DIRECT_ALIGN // math.gcd(inner, DIRECT_ALIGN)
+            if pieces > 1 and step * inner <= chunk_bytes:  # every chunk starts DIRECT_ALIGN-aligned
+                rows = min(shape[axis], -(-rows // step) * step)
             return (1,) * axis + (rows,) + tuple(shape[axis + 1 :])
     raise AssertionError("unreachable: a single item is never larger than a chunk")
 
@@ -168,13 +176,16 @@ def is_contiguous_chunking(shape: tuple[int, ...], chunks: tuple[int, ...]) -> b
 
 
 def staging_offsets(nbytes: Iterable[int]) -> tuple[list[int], int]:
-    """Offsets of consecutive ``ALIGN``-aligned slots of the given sizes, and the total size."""
+    """Offsets of consecutive slots of the given sizes, and the total size: ``ALIGN``-aligned,
+    ``DIRECT_ALIGN``-aligned for arrays of at least ``direct_io.DIRECT_MIN`` bytes."""
     offsets = []
     end = 0
     for n in nbytes:
+        align = DIRECT_ALIGN if n >= direct_io.DIRECT_MIN else ALIGN
+        end = -(-end // align) * align
         offsets.append(end)
-        end += -(-n // ALIGN) * ALIGN
-    return offsets, end
+        end += n
+    return offsets, -(-end // ALIGN) * ALIGN
 
 
 def retention_plan(committed: Iterable[int], current: int, keep: int) -> list[int]:
@@ -185,6 +196,18 @@ def retention_plan(committed: Iterable[int], current: int, keep: int) -> list[in
     steps = sorted(set(committed) | {current}, reverse=True)
     kept = set(steps[:keep]) | {current, steps[0]}
     return sorted(s for s in steps if s not in kept)
+
+
+def plan_signature(leaves: Sequence[Leaf], paths: Sequence[Path]) -> tuple[object, ...]:
+    """Everything ``array_specs`` depends on besides ``chunk_bytes``: equal signatures, equal plans.
+    A training loop saves the same structure every time, so the plan is made once (it costs
+    about as much as copying 20 MB, and ``save`` blocks the caller while it runs)."""
+    return tuple(
+        (path, leaf.dtype, leaf.shape, leaf.layout, leaf.device.type, leaf.is_quantized, leaf.is_nested)
+        if isinstance(leaf, torch.Tensor)
+        else (path, leaf.dtype, leaf.shape)
+        for leaf, path in zip(leaves, paths, strict=True)
+    )
 
 
 def array_specs(leaves: Sequence[Leaf], paths: Sequence[Path], chunk_bytes: int) -> list[ArraySpec]:

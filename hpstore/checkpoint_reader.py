@@ -1,8 +1,9 @@
 """Reading one checkpoint: trust only its manifest, verify every byte, build only known types.
 
-The manifest is validated before anything is allocated; one listing checks that every object it
-names is present with its recorded size; every chunk read is checked against its CRC32C before
-its bytes are copied into the output tensor. Any failure raises ``CheckpointError`` naming the
+The manifest is validated before anything is allocated; every chunk read is checked against its
+recorded size and CRC32C (a missing object is reported as missing, by the read that needed it: a
+listing up front would read every directory of the checkpoint, the slowest part of a cold load
+on a local disk). Any failure raises ``CheckpointError`` naming the
 array (or the tree) it belongs to. Nothing here unpickles: tensors are rebuilt from raw bytes and
 the rest from the tagged JSON tree (``hpstore.checkpoint_tree``).
 """
@@ -20,7 +21,7 @@ from hpstore.checkpoint_manifest import MANIFEST_KEY, CheckpointManifest
 from hpstore.checkpoint_plan import ArraySpec, ChunkSpec, parse_step, step_prefix
 from hpstore.checkpoint_tree import TORCH_DTYPES, Leaf, unflatten
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import CheckpointError, HpstoreError
+from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError
 from hpstore.storage import Storage
 from hpstore.threads import run_parallel
 
@@ -60,7 +61,6 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
     """The state saved as ``step``, verified; tensors on ``map_location`` (default: CPU)."""
     manifest = read_manifest(storage, step)
     st = storage.child(step_prefix(step))
-    _check_listing(st, manifest)
     tree = _read_tree(st, manifest)
     outputs = [_empty(a) for a in manifest.arrays]
     jobs = [(a, c) for a in manifest.arrays for c in a.chunks]
@@ -97,26 +97,12 @@ def _place(leaf: Leaf, map_location: Any) -> Leaf:
     return leaf.to(map_location)
 
 
-def _check_listing(st: Storage, manifest: CheckpointManifest) -> None:
-    try:
-        listing = st.list()
-    except HpstoreError as exc:
-        raise CheckpointError(f"{st.url}: cannot list: {exc}") from None
-    for key, entry in manifest.objects.items():
-        if key not in listing:
-            raise CheckpointError(f"{st.url}: {manifest.owner(key)}: {key} is missing")
-        if listing[key] != entry.size:
-            raise CheckpointError(
-                f"{st.url}: {manifest.owner(key)}: {key} has {listing[key]} bytes, manifest says {entry.size}"
-            )
-
-
 def _read_verified(st: Storage, manifest: CheckpointManifest, key: str) -> bytes:
     entry = manifest.objects[key]
     try:
         data = st.read(key)
     except HpstoreError as exc:
-        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}") from None
+        raise _read_error(st, manifest, key, exc) from None
     if len(data) != entry.size:
         raise CheckpointError(
             f"{st.url}: {manifest.owner(key)}: {key} has {len(data)} bytes, manifest says {entry.size}"
@@ -131,13 +117,19 @@ def _read_verified_into(st: Storage, manifest: CheckpointManifest, key: str, dst
     try:
         n = st.read_into(key, dst.data)
     except HpstoreError as exc:
-        raise CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}") from None
+        raise _read_error(st, manifest, key, exc) from None
     if n != entry.size:
         raise CheckpointError(
             f"{st.url}: {manifest.owner(key)}: {key} has {n} bytes, manifest says {entry.size}"
         )
     if crc32c_hex(dst) != entry.crc32c:
         raise CheckpointError(f"{st.url}: {manifest.owner(key)}: checksum mismatch in {key}")
+
+
+def _read_error(st: Storage, manifest: CheckpointManifest, key: str, exc: HpstoreError) -> CheckpointError:
+    if isinstance(exc, ObjectNotFoundError):
+        return CheckpointError(f"{st.url}: {manifest.owner(key)}: {key} is missing")
+    return CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}")
 
 
 def _read_tree(st: Storage, manifest: CheckpointManifest) -> Any:

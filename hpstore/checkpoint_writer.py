@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from hpstore import direct_io
 from hpstore.checkpoint_manifest import (
     GROUP_KEY,
     MANIFEST_KEY,
@@ -122,6 +123,6 @@ def _chunk_bytes(snap: Snapshot, index: int, c: ChunkSpec) -> np.ndarray:
     view = snap.views[index][c.offset : c.offset + c.nbytes]
     if c.stored == c.nbytes:
         return view
-    padded = np.zeros(c.stored, dtype=np.uint8)  # Zarr stores edge chunks full-size
+    padded = direct_io.aligned_zeros(c.stored)  # Zarr stores edge chunks full-size
     padded[: c.nbytes] = view
     return padded

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hpstore.checkpoint_tree import Leaf
+from hpstore.direct_io import ALIGN
 
 
 @dataclass
@@ -56,7 +57,10 @@ class StagingBuffer:
         buf = self._buf
         if buf is None or buf.numel() < nbytes or (pin and not buf.is_pinned()):
             self._buf = None  # drop the old one first so peak memory is one buffer
-            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=pin)
+            # Page-aligned start, so slots planned aligned can be written with O_DIRECT.
+            raw = torch.empty(max(nbytes, 1) + ALIGN, dtype=torch.uint8, pin_memory=pin)
+            start = -raw.data_ptr() % ALIGN
+            buf = raw[start : start + max(nbytes, 1)]
             self._buf = buf
             self.stats.allocations += 1
             self.stats.capacity = buf.numel()

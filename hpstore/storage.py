@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hpstore import direct_io
 from hpstore.counters import Counters
 from hpstore.errors import HpstoreError, InputError, ObjectNotFoundError, StorageError
 from hpstore.failures import (
@@ -45,6 +46,8 @@ class StorageStats(Counters):
     read_requests: int = 0
     bytes_written: int = 0
     write_requests: int = 0
+    bytes_written_direct: int = 0
+    """Of ``bytes_written``, those that bypassed the page cache (``hpstore.direct_io``)."""
     retries: int = 0
     failures: int = 0
     errors: int = 0
@@ -140,6 +143,10 @@ class Storage(ABC):
 class LocalStorage(Storage):
     """A directory on a local file system. Reads use ``pread``; writes go through a temp file."""
 
+    direct = True
+    """Write large aligned payloads with ``O_DIRECT`` (``hpstore.direct_io``); turned off for
+    this storage the first time the file system refuses it."""
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = self.root
@@ -205,13 +212,23 @@ class LocalStorage(Storage):
         t0 = time.perf_counter()
         path = self._path(key)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        direct = direct_io.direct_prefix(data) if self.direct else 0
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if durable:
-                    f.flush()
-                    os.fsync(f.fileno())
+            if direct:
+                try:
+                    direct_io.write_new(tmp, data)
+                except direct_io.DirectRefused:
+                    self.direct, direct = False, 0
+            if not direct:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp, path)
         except OSError as exc:
             try:
@@ -219,7 +236,12 @@ class LocalStorage(Storage):
             except OSError:
                 pass
             raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
-        self.stats.add(bytes_written=len(data), write_requests=1, write_seconds=time.perf_counter() - t0)
+        self.stats.add(
+            bytes_written=len(data),
+            bytes_written_direct=direct,
+            write_requests=1,
+            write_seconds=time.perf_counter() - t0,
+        )
 
     def sync(self) -> None:
         """One ``syncfs`` of the file system holding the store: far cheaper than an fsync per

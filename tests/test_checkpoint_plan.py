@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from hpstore.checkpoint_manifest import CheckpointManifest
 from hpstore.checkpoint_plan import (
     ALIGN,
+    DIRECT_ALIGN,
     array_key,
     array_specs,
     chunk_shape,
@@ -27,6 +28,7 @@ from hpstore.checkpoint_plan import (
     step_prefix,
 )
 from hpstore.checkpoint_tree import flatten, unflatten
+from hpstore.direct_io import DIRECT_MIN
 from hpstore.errors import CheckpointError
 from hpstore.manifest import ObjectEntry
 
@@ -138,8 +140,27 @@ def test_chunks_tile_the_array_bytes_exactly(shape: tuple[int, ...], itemsize: i
         covered += c.nbytes
     assert covered == nbytes
     assert len({c.key for c in specs}) == len(specs)
-    # rows are rounded up to split the axis evenly: a chunk is under the target plus one row
-    assert nbytes == 0 or math.prod(chunks) * itemsize <= 2 * target
+    # rows are rounded up to split the axis evenly (a chunk is under the target plus one row), then
+    # to a multiple that keeps chunks DIRECT_ALIGN-aligned when that costs under another target
+    assert nbytes == 0 or math.prod(chunks) * itemsize <= 3 * target
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 3000), min_size=1, max_size=3).map(tuple),
+    itemsize=st.sampled_from([1, 2, 4, 8]),
+    target=st.integers(DIRECT_ALIGN, 1 << 20),
+)
+def test_big_chunks_start_aligned_for_direct_io(shape: tuple[int, ...], itemsize: int, target: int) -> None:
+    specs = chunk_specs(shape, chunk_shape(shape, itemsize, target), itemsize)
+    axis = next(a for a in range(len(shape)) if math.prod(shape[a + 1 :]) * itemsize <= target)
+    row = math.prod(shape[axis + 1 :]) * itemsize
+    # Aligned when it costs less than a target's worth of extra rows, and (for chunks split below
+    # a leading axis) when each leading block is itself a multiple of DIRECT_ALIGN.
+    if DIRECT_ALIGN // math.gcd(row, DIRECT_ALIGN) * row <= target and (
+        axis == 0 or shape[axis] * row % DIRECT_ALIGN == 0
+    ):
+        assert all(c.offset % DIRECT_ALIGN == 0 for c in specs)
 
 
 @settings(max_examples=200, deadline=None)
@@ -157,8 +178,8 @@ def test_chunk_shapes_for_common_cases() -> None:
     assert chunk_specs((), (), 4)[0].key == "c"
     assert chunk_shape((0, 5), 4, 1 << 20) == (1, 5)
     assert chunk_specs((0, 5), (1, 5), 4) == []
-    assert chunk_shape((1000, 1000), 4, 1 << 20) == (250, 1000)
-    assert chunk_shape((3, 1000, 1000), 4, 1 << 20) == (1, 250, 1000)
+    assert chunk_shape((1000, 1000), 4, 1 << 20) == (256, 1000)  # 256 rows: 4096-aligned chunks
+    assert chunk_shape((3, 1000, 1000), 4, 1 << 20) == (1, 256, 1000)
     assert chunk_shape((10,), 4, 1 << 20) == (10,)
 
 
@@ -166,6 +187,10 @@ def test_staging_offsets_are_aligned() -> None:
     offsets, total = staging_offsets([3, 0, 64, 65, 1])
     assert offsets == [0, 64, 64, 128, 256]
     assert total == 320 and all(o % ALIGN == 0 for o in offsets)
+    big = DIRECT_MIN  # arrays that may be written with O_DIRECT start DIRECT_ALIGN-aligned
+    offsets, total = staging_offsets([3, big, 5, big + 1])
+    assert offsets == [0, DIRECT_ALIGN, DIRECT_ALIGN + big, 2 * DIRECT_ALIGN + big]
+    assert total == 2 * DIRECT_ALIGN + 2 * big + ALIGN
 
 
 def test_array_names_are_unique_readable_and_safe() -> None:
