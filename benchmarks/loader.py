@@ -461,7 +461,7 @@ def hit_rate_figures(cfg: BenchConfig, progress: Progress, data: Data) -> list[F
                 data.dataset(), BATCH, fields=["image"], num_workers=2, cache_bytes=budget
             )
             if policy == "LRU":
-                loader.cache = ChunkCache(budget, loader._fetch, policy=LruPolicy())
+                loader.cache = ChunkCache(budget, loader.fetcher, policy=LruPolicy())
             list(loader)
             rates, fetched = [], []
             for _ in range(max(2, cfg.repeats)):

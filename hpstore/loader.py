@@ -206,10 +206,12 @@ class Loader:
             paths = {name: f.path for name, f in ds.spec.fields.items()}
             self.disk_cache = ChunkDiskCache(ds.store.url, paths, cache_dir, cache_disk_bytes)
             policy = self.disk_cache.follow(policy)
-        self.cache = ChunkCache(cache_bytes, self._fetch, policy=policy)
         self.io_threads = io_threads
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
+        self.fetcher = ChunkFetcher(ds, self._io, self.disk_cache, io_threads)
+        # The cache holds the fetcher, not the loader: no reference cycle, so a dropped loader
+        # frees its cache at once instead of at the next full garbage collection (until then
+        # each new loader faulted in fresh memory: 1.0-1.3 M vs 1.6-1.9 M samples/s on 28x28).
+        self.cache = ChunkCache(cache_bytes, self.fetcher, policy=policy)
         self._epoch = 0
         self._step = 0
         self._run: weakref.ref[_Run] | None = None
@@ -297,10 +299,7 @@ class Loader:
         """Stop background work: an unfinished iteration's (also done on the next ``iter``) and the
         read threads (started again when needed)."""
         self._close_run()
-        with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+        self.fetcher.close()
 
     def __repr__(self) -> str:
         return (
@@ -316,11 +315,30 @@ class Loader:
             run.close()
         self._run = None
 
-    def _fetch(self, keys: list[Any]) -> list[Chunk]:
+    def _window_cost(self, rows: int) -> int:
+        """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
+        return int(2 * rows * self._row_bytes)
+
+
+class ChunkFetcher:
+    """The loader's I/O, injected into its cache: (field, chunk) keys -> decoded chunks, counted
+    in the loader's stats. Holds no reference to the loader."""
+
+    def __init__(
+        self, ds: Dataset, io: LoaderStats, disk_cache: ChunkDiskCache | None, io_threads: int
+    ) -> None:
+        self.reader = ds.reader
+        self._io = io
+        self.disk_cache = disk_cache
+        self.io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+
+    def __call__(self, keys: list[Any]) -> list[Chunk]:
         """Read and decode chunks ``(field, chunk)``. Backends that keep many requests in flight
         get them in one coalesced call; local files are read and decoded on ``io_threads``
         threads at once (preads and decompression release the GIL)."""
-        reader = self.dataset.reader
+        reader = self.reader
         t0 = time.perf_counter()
         ranges = _ranges_of(reader, keys)
         pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 else None
@@ -338,7 +356,7 @@ class Loader:
         return out
 
     def _read_one(self, key: tuple[str, int], rng: tuple[str, int, int]) -> Chunk:
-        reader = self.dataset.reader
+        reader = self.reader
         t0 = time.perf_counter()
         (raw,) = reader.fetch([rng])
         t1 = time.perf_counter()
@@ -348,7 +366,7 @@ class Loader:
 
     def _io_pool(self) -> ThreadPoolExecutor | None:
         """The read/decode threads, for backends whose ``read_ranges`` is a serial loop."""
-        storage = self.dataset.reader.storage
+        storage = self.reader.storage
         if self.io_threads < 2 or type(storage).read_ranges is not Storage.read_ranges:
             return None
         with self._pool_lock:
@@ -357,9 +375,12 @@ class Loader:
                 weakref.finalize(self, self._pool.shutdown, wait=False)
             return self._pool
 
-    def _window_cost(self, rows: int) -> int:
-        """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
-        return int(2 * rows * self._row_bytes)
+    def close(self) -> None:
+        """Stop the read threads (started again when needed)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 class _Builder:

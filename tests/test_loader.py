@@ -280,6 +280,25 @@ def test_abandoned_iterations_leave_no_threads_and_no_growth(ds: hpstore.Dataset
     assert len(_threads()) <= 3
 
 
+def test_a_dropped_loader_is_freed_at_once_without_the_garbage_collector(ds: hpstore.Dataset) -> None:
+    import gc
+    import weakref
+
+    gc.collect()
+    gc.disable()  # only reference counting: a reference cycle would keep the loader and its cache
+    try:
+        for workers in (0, 2):
+            loader = Loader(ds, 32, num_workers=workers)
+            list(loader)
+            assert loader.stats["cache_resident_bytes"] > 0
+            alive = weakref.ref(loader)
+            cache = weakref.ref(loader.cache)
+            del loader
+            assert alive() is None and cache() is None
+    finally:
+        gc.enable()
+
+
 def test_bad_arguments_fail_clearly(ds: hpstore.Dataset) -> None:
     with pytest.raises(InputError, match="batch_size"):
         Loader(ds, 0)
