@@ -57,7 +57,7 @@ from hpstore.checkpoint_reader import checkpoint_steps, read_checkpoint
 from hpstore.checkpoint_tree import Leaf, Path, flatten
 from hpstore.checkpoint_writer import prune_generations, write_checkpoint
 from hpstore.errors import CheckpointError, InputError
-from hpstore.staging import StagingBuffer
+from hpstore.staging import Slots, StagingBuffer
 from hpstore.storage import Storage, open_storage
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class Checkpointer:
         self._pending: Future[None] | None = None
         self._stats: list[SaveStats] = []
         self._lock = threading.Lock()
-        self._plan: tuple[tuple[object, ...], list[ArraySpec], list[int], list[int]] | None = None
+        self._plan: tuple[tuple[object, ...], list[ArraySpec], Slots] | None = None
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -152,16 +152,16 @@ class Checkpointer:
         self._finish_pending()
         t1 = time.perf_counter()
         flat = flatten(state)
-        specs, offsets, sizes = self._array_plan(flat.leaves, flat.paths)
+        specs, slots = self._array_plan(flat.leaves, flat.paths)
         tree = json.dumps(flat.tree, separators=(",", ":"), allow_nan=False).encode()
-        snap = self._staging.snapshot(flat.leaves, offsets, sizes)
+        snap = self._staging.snapshot(flat.leaves, slots)
         t2 = time.perf_counter()
         record = SaveStats(
             step=step,
             wait_s=t1 - t0,
             snapshot_s=t2 - t1,
             stall_s=t2 - t0,
-            bytes=sum(sizes),
+            bytes=sum(a.nbytes for a in specs),
             arrays=len(specs),
         )
         with self._lock:
@@ -181,17 +181,17 @@ class Checkpointer:
         # Non-daemon: a script that returns right after save() still gets its checkpoint.
         threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
 
-    def _array_plan(
-        self, leaves: list[Leaf], paths: list[Path]
-    ) -> tuple[list[ArraySpec], list[int], list[int]]:
-        """Array specs, staging offsets and sizes; remade only when the state's structure changes."""
+    def _array_plan(self, leaves: list[Leaf], paths: list[Path]) -> tuple[list[ArraySpec], Slots]:
+        """Array specs and staging slots; remade only when the state's structure changes (or the
+        staging buffer was released)."""
         signature = plan_signature(leaves, paths)
-        if self._plan is None or self._plan[0] != signature:
+        if self._plan is None or self._plan[0] != signature or not self._staging.holds(self._plan[2]):
+            self._plan = None  # the old slots pin the buffer: let it go before a bigger one is made
             specs = array_specs(leaves, paths, self.layout.chunk_bytes)
             sizes = [a.nbytes for a in specs]
             offsets, _total = staging_offsets(sizes)
-            self._plan = (signature, specs, offsets, sizes)
-        return self._plan[1], self._plan[2], self._plan[3]
+            self._plan = (signature, specs, self._staging.slots(leaves, offsets, sizes))
+        return self._plan[1], self._plan[2]
 
     def _persist(self, step: int, specs: Any, snap: Any, tree: bytes, index: int) -> None:
         t0 = time.perf_counter()
@@ -245,6 +245,7 @@ class Checkpointer:
         try:
             self.wait()
         finally:
+            self._plan = None
             self._staging.release()
 
     def __enter__(self) -> Checkpointer:

@@ -38,6 +38,15 @@ class Snapshot:
             event.synchronize()
 
 
+@dataclass(frozen=True)
+class Slots:
+    """Where each leaf of one state structure goes in the staging buffer."""
+
+    buffer: torch.Tensor
+    views: list[np.ndarray]  # per leaf: its slot's bytes
+    targets: list[torch.Tensor | np.ndarray | None]  # per leaf: its slot with its dtype and shape
+
+
 @dataclass
 class StagingStats:
     allocations: int = 0
@@ -66,34 +75,58 @@ class StagingBuffer:
             self.stats.capacity = buf.numel()
         return buf
 
-    def snapshot(self, leaves: Sequence[Leaf], offsets: Sequence[int], nbytes: Sequence[int]) -> Snapshot:
-        """Copy every leaf into its slot ``[offsets[i], offsets[i] + nbytes[i])`` of the buffer."""
-        devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and t.device.type == "cuda"}
+    def slots(self, leaves: Sequence[Leaf], offsets: Sequence[int], nbytes: Sequence[int]) -> Slots:
+        """Typed views of slot ``[offsets[i], offsets[i] + nbytes[i])`` for every leaf, growing the
+        buffer (pinned when a leaf is on a GPU) as needed. Valid for leaves of the same dtypes and
+        shapes while ``holds`` says so; making them costs more than copying 10 MB, so the
+        checkpointer keeps them from one save to the next."""
+        pin = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in leaves)
         total = max((o + n for o, n in zip(offsets, nbytes, strict=True)), default=0)
-        buf = self._ensure(total, pin=bool(devices))
+        buf = self._ensure(total, pin=pin)
         host = buf.numpy()
-        views = []
+        views: list[np.ndarray] = []
+        targets: list[torch.Tensor | np.ndarray | None] = []
         for leaf, off, n in zip(leaves, offsets, nbytes, strict=True):
             views.append(host[off : off + n])
             if n == 0:
-                continue
-            if isinstance(leaf, torch.Tensor):
-                dst = buf[off : off + n].view(leaf.dtype).view(leaf.shape)
-                dst.copy_(leaf.detach(), non_blocking=leaf.device.type == "cuda")
-                if leaf.device.type == "cuda":
-                    self.stats.device_bytes_copied += n
+                targets.append(None)
+            elif isinstance(leaf, torch.Tensor):
+                targets.append(buf[off : off + n].view(leaf.dtype).view(leaf.shape))
             else:
                 dt = leaf.dtype.newbyteorder("<") if leaf.dtype.byteorder == ">" else leaf.dtype
-                np.copyto(host[off : off + n].view(dt).reshape(leaf.shape), leaf, casting="equiv")
-            self.stats.bytes_copied += n
+                targets.append(host[off : off + n].view(dt).reshape(leaf.shape))
+        return Slots(buffer=buf, views=views, targets=targets)
+
+    def holds(self, slots: Slots) -> bool:
+        """Whether ``slots`` still point into this buffer (it has not grown or been released)."""
+        return slots.buffer is self._buf
+
+    def snapshot(self, leaves: Sequence[Leaf], slots: Slots) -> Snapshot:
+        """Copy every leaf into its slot (``slots`` made by ``slots()`` for leaves like these)."""
+        if not self.holds(slots):
+            raise ValueError("staging slots are stale: the buffer was reallocated")
+        devices = set()
+        for leaf, dst, view in zip(leaves, slots.targets, slots.views, strict=True):
+            if dst is None:
+                continue
+            if isinstance(dst, torch.Tensor):
+                assert isinstance(leaf, torch.Tensor)
+                on_gpu = leaf.device.type == "cuda"
+                dst.copy_(leaf.detach(), non_blocking=on_gpu)
+                if on_gpu:
+                    devices.add(leaf.device)
+                    self.stats.device_bytes_copied += view.nbytes
+            else:
+                np.copyto(dst, leaf, casting="equiv")
+            self.stats.bytes_copied += view.nbytes
         events = []
         for device in devices:
             event = torch.cuda.Event()
             event.record(torch.cuda.current_stream(device))
             events.append(event)
-        return Snapshot(views=views, events=events)
+        return Snapshot(views=slots.views, events=events)
 
     def release(self) -> None:
-        """Free the buffer (the next snapshot allocates a new one)."""
+        """Drop the buffer (freed once no ``Slots`` refer to it; the next ``slots()`` makes a new one)."""
         self._buf = None
         self.stats.capacity = 0
