@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,21 +26,41 @@ from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError
 from hpstore.storage import Storage
 from hpstore.threads import run_parallel
 
+SPARE_PREFIX = "spare-"
+"""Root-level prefix of a retired checkpoint's files kept for the next save to rewrite in place."""
 
-def checkpoint_steps(storage: Storage) -> tuple[list[int], list[int]]:
-    """``(committed, incomplete)`` steps under a checkpoint root, ascending. Committed = has a
-    manifest; incomplete = objects but no manifest (an interrupted save)."""
+
+@dataclass(frozen=True)
+class RootScan:
+    """What one listing of a checkpoint root holds. Committed = has a manifest; incomplete =
+    objects but no manifest (an interrupted save); spares = retired data kept for reuse."""
+
+    committed: list[int]
+    incomplete: list[int]
+    spares: list[str]
+
+
+def scan_root(storage: Storage) -> RootScan:
     committed: set[int] = set()
     seen: set[int] = set()
+    spares: set[str] = set()
     for key in storage.list():
         head, _, rest = key.partition("/")
+        if head.startswith(SPARE_PREFIX):
+            spares.add(head)
         step = parse_step(head)
         if step is None:
             continue
         seen.add(step)
         if rest == MANIFEST_KEY:
             committed.add(step)
-    return sorted(committed), sorted(seen - committed)
+    return RootScan(sorted(committed), sorted(seen - committed), sorted(spares))
+
+
+def checkpoint_steps(storage: Storage) -> tuple[list[int], list[int]]:
+    """``(committed, incomplete)`` steps under a checkpoint root, ascending."""
+    found = scan_root(storage)
+    return found.committed, found.incomplete
 
 
 def read_manifest(storage: Storage, step: int) -> CheckpointManifest:

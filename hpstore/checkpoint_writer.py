@@ -47,11 +47,19 @@ def write_checkpoint(
     tree: bytes,
     *,
     workers: int,
+    spare: str | None = None,
 ) -> CheckpointManifest:
-    """Persist one snapshot as checkpoint ``step`` and commit it. Returns the committed manifest."""
+    """Persist one snapshot as checkpoint ``step`` and commit it. Returns the committed manifest.
+
+    ``spare``: the files of a retired checkpoint (a prefix of ``storage``). Where the backend can
+    move it cheaply it becomes this save's generation and its files are rewritten in place, so
+    the save creates (almost) no files: on the development VM's ext4 a file or directory creation
+    cost ~0.45 ms of kernel time, and a 100 MB, 192-tensor state needs ~770 of them.
+    """
     snap.ready()
     gen = f"data-{uuid.uuid4().hex[:12]}"
     st = storage.child(step_prefix(step))
+    recycled = spare is not None and storage.move_prefix(spare, f"{step_prefix(step)}/{gen}")
     jobs: list[tuple[str, Payload]] = [
         (GROUP_KEY, group_json(step)),
         (f"{gen}/{GROUP_KEY}", group_json(step)),
@@ -74,7 +82,11 @@ def write_checkpoint(
         data = payload if isinstance(payload, bytes) else _chunk_bytes(snap, *payload)
         entry = ObjectEntry(size=len(data), crc32c=crc32c_hex(data))
         # Durable as a whole by one sync before the manifest, not by an fsync per object.
-        st.write(key, data if isinstance(data, bytes) else data.data, durable=False)
+        buf = data if isinstance(data, bytes) else data.data
+        if recycled:  # no reader looks into this generation before the manifest lands
+            st.overwrite(key, buf)
+        else:
+            st.write(key, buf, durable=False)
         return key, entry
 
     try:
@@ -82,6 +94,8 @@ def write_checkpoint(
             lambda group: run_parallel(put, group, workers, name="hpstore-ckpt-write"), groups, 2
         )
         objects = dict(done[0] + done[1])
+        if recycled:
+            _remove_leftovers(st, gen, objects, {a.key for a in specs})
     except BaseException:
         _discard(storage, step, gen)
         raise
@@ -94,6 +108,22 @@ def write_checkpoint(
     # No clean-up if this fails: on an object store a failed request may still have landed.
     st.write(MANIFEST_KEY, manifest.to_json().encode())
     return manifest
+
+
+def _remove_leftovers(st: Storage, gen: str, objects: dict[str, ObjectEntry], arrays: set[str]) -> None:
+    """Delete what a recycled generation held that this save did not rewrite: arrays the state
+    no longer has (whole directories) and chunks beyond an array's new extent."""
+    gone: set[str] = set()
+    for key in st.list(gen):
+        if key in objects:
+            continue
+        parts = key.split("/")
+        if len(parts) > 2 and parts[1] not in arrays:
+            if parts[1] not in gone:
+                gone.add(parts[1])
+                st.delete_prefix(f"{gen}/{parts[1]}")
+        else:
+            st.delete_prefix(key)
 
 
 def _discard(storage: Storage, step: int, gen: str) -> None:

@@ -57,14 +57,16 @@ class DirectRefused(OSError):
     """The file system does not do ``O_DIRECT`` here; write buffered instead."""
 
 
-def write_new(path: str, data: bytes | memoryview) -> None:
-    """Create ``path`` (which must not exist) holding ``data``: the aligned prefix ``O_DIRECT``,
-    the tail buffered. Raises ``DirectRefused`` (and leaves no file) when the file system refuses
-    direct I/O, ``OSError`` otherwise."""
+def write(path: str, data: bytes | memoryview, *, new: bool) -> None:
+    """Write ``data`` as the whole content of ``path``: the aligned prefix ``O_DIRECT``, the tail
+    buffered. ``new``: create it (it must not exist; on failure it is removed again); otherwise
+    create or overwrite in place (blocks already allocated are simply rewritten). Raises
+    ``DirectRefused`` (having written nothing) when the file system refuses direct I/O."""
     view = memoryview(data).cast("B")
     head = direct_prefix(view)
+    flags = os.O_WRONLY | os.O_CREAT | _O_DIRECT | (os.O_EXCL if new else 0)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_DIRECT, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             raise DirectRefused(exc.errno, f"O_DIRECT refused: {exc.strerror}") from None
@@ -82,11 +84,14 @@ def write_new(path: str, data: bytes | memoryview) -> None:
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
             while done < len(view):
                 done += os.pwrite(fd, view[done:], done)
+        if not new:
+            os.ftruncate(fd, len(view))
     except BaseException:
         os.close(fd)
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
+        if new:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
         raise
     os.close(fd)

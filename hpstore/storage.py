@@ -113,6 +113,19 @@ class Storage(ABC):
         process loses nothing either way; only a power loss before ``sync()`` could.
         """
 
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        """Write a whole object the cheapest way, *not* atomically: until ``sync()`` a reader may
+        see it torn. Only for objects no reader looks at yet (a generation before its manifest).
+        Local files are rewritten in place, reusing the file and its blocks; the default is a
+        ``durable=False`` write."""
+        self.write(key, data, durable=False)
+
+    def move_prefix(self, src: str, dst: str) -> bool:
+        """Move every object under ``src`` to the same key under ``dst`` in one cheap step (a
+        directory rename) if this backend can and ``dst`` is free. False, having moved nothing,
+        when it cannot (object stores: a move is a copy)."""
+        return False
+
     def sync(self) -> None:  # noqa: B027 - a no-op is the right default (object stores)
         """Make every earlier ``durable=False`` write durable (object stores: nothing to do)."""
 
@@ -212,17 +225,9 @@ class LocalStorage(Storage):
         t0 = time.perf_counter()
         path = self._path(key)
         tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        direct = direct_io.direct_prefix(data) if self.direct else 0
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            if direct:
-                try:
-                    direct_io.write_new(tmp, data)
-                except direct_io.DirectRefused:
-                    self.direct, direct = False, 0
-            if not direct:
-                with open(tmp, "wb") as f:
-                    f.write(data)
+            direct = self._put(tmp, data, new=True)
             if durable:
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
@@ -236,12 +241,58 @@ class LocalStorage(Storage):
             except OSError:
                 pass
             raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
+        self._count_write(len(data), direct, t0)
+
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        t0 = time.perf_counter()
+        path = self._path(key)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            direct = self._put(path, data, new=False)
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
+        self._count_write(len(data), direct, t0)
+
+    def _put(self, path: str, data: bytes | memoryview, *, new: bool) -> int:
+        """Write the file (see ``direct_io.write``); returns the bytes that went ``O_DIRECT``."""
+        direct = direct_io.direct_prefix(data) if self.direct else 0
+        if direct:
+            try:
+                direct_io.write(path, data, new=new)
+                return direct
+            except direct_io.DirectRefused:
+                self.direct = False
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else 0), 0o644)
+        try:
+            view, done = memoryview(data).cast("B"), 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+            if not new:
+                os.ftruncate(fd, len(view))
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        return 0
+
+    def _count_write(self, nbytes: int, direct: int, t0: float) -> None:
         self.stats.add(
-            bytes_written=len(data),
+            bytes_written=nbytes,
             bytes_written_direct=direct,
             write_requests=1,
             write_seconds=time.perf_counter() - t0,
         )
+
+    def move_prefix(self, src: str, dst: str) -> bool:
+        s, d = self._path(src), self._path(dst)
+        if not os.path.isdir(s) or os.path.lexists(d):
+            return False
+        try:
+            os.makedirs(os.path.dirname(d), exist_ok=True)
+            os.rename(s, d)
+        except OSError as exc:
+            raise StorageError(f"{self.url}: cannot move {src} to {dst}: {exc.strerror or exc}") from exc
+        return True
 
     def sync(self) -> None:
         """One ``syncfs`` of the file system holding the store: far cheaper than an fsync per
@@ -558,6 +609,12 @@ class PrefixStorage(Storage):
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(self._k(key), data, durable=durable)
+
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        self.inner.overwrite(self._k(key), data)
+
+    def move_prefix(self, src: str, dst: str) -> bool:
+        return self.inner.move_prefix(self._k(src), self._k(dst))
 
     def sync(self) -> None:
         self.inner.sync()

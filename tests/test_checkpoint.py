@@ -18,6 +18,7 @@ import zarr
 import hpstore
 from hpstore.checkpoint import Checkpointer, CheckpointLayout
 from hpstore.checkpoint_plan import step_prefix
+from hpstore.checkpoint_reader import SPARE_PREFIX, read_manifest
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CheckpointError, InputError, ObjectNotFoundError, StorageError
 from hpstore.storage import open_storage
@@ -220,7 +221,8 @@ def test_retention_keeps_newest_and_resave_replaces(tmp_path: Path) -> None:
         ck.save(step, {"v": torch.tensor(step)})
     ck.wait()
     assert ck.steps() == [4, 5] and ck.latest() == 5
-    assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(4), step_prefix(5)]
+    names = sorted(p.name for p in tmp_path.iterdir())  # plus the retired files the next save reuses
+    assert names[1:] == [step_prefix(4), step_prefix(5)] and names[0].startswith(SPARE_PREFIX)
 
     ck.save(5, {"v": torch.tensor(50)})  # the same step again: replaced, old generation removed
     ck.wait()
@@ -233,6 +235,8 @@ def test_retention_keeps_newest_and_resave_replaces(tmp_path: Path) -> None:
     ck.save(6, {"v": torch.tensor(6)})
     ck.wait()
     assert ck.steps() == [5, 6]
+    ck.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(5), step_prefix(6)]
 
 
 def test_keep_below_one_is_an_error(tmp_path: Path) -> None:
@@ -339,3 +343,61 @@ def test_gpu_state_is_snapshotted_through_pinned_memory(tmp_path: Path) -> None:
     assert loaded["w"].is_cuda
     assert torch.equal(loaded["w"].cpu(), expected)
     assert torch.equal(loaded["bf"].cpu(), expected[:4].bfloat16())
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file under ``root`` (relative path -> inode)."""
+    return {str(p.relative_to(root)): p.stat().st_ino for p in root.rglob("*") if p.is_file()}
+
+
+def test_retired_files_are_rewritten_in_place_by_the_next_save(tmp_path: Path) -> None:
+    state = {"w": torch.randn(300, 1000), "b": torch.randn(1000), "n": torch.tensor(1)}
+    ck = Checkpointer(str(tmp_path), keep=1, layout=CheckpointLayout(chunk_bytes=256 << 10))
+    ck.save(1, state)
+    ck.wait()
+    gen1 = read_manifest(ck.storage, 1).generation
+    before = _files(tmp_path / step_prefix(1) / gen1)
+    ck.save(2, state)  # retires step 1: its files become the spare
+    ck.wait()
+    state["w"].add_(1)  # same structure, new values
+    ck.save(3, state)  # rewrites the spare in place: same files (inodes), new bytes
+    ck.wait()
+    gen3 = read_manifest(ck.storage, 3).generation
+    after = _files(tmp_path / step_prefix(3) / gen3)
+    assert after == before
+    assert all(torch.equal(ck.load(3)[k], v) for k, v in state.items())
+
+    # Another structure: arrays that went away and chunks past a shrunk array are removed, so the
+    # generation holds exactly the objects of its manifest and plain zarr sees just these arrays.
+    smaller = {"w": torch.randn(100, 1000), "extra": torch.ones(5)}
+    ck.save(4, smaller)  # retires 3, reuses the spare of step 2
+    ck.wait()
+    ck.save(5, smaller)  # reuses step 3's files
+    ck.wait()
+    m = read_manifest(ck.storage, 5)
+    on_disk = {f"{m.generation}/{k}" for k in _files(tmp_path / step_prefix(5) / m.generation)}
+    assert on_disk | {"zarr.json"} == set(m.objects)
+    group = zarr.open_group(str(tmp_path / step_prefix(5) / m.generation), mode="r")
+    assert sorted(name for name, _ in group.arrays()) == sorted(a.key for a in m.arrays)
+    assert all(torch.equal(ck.load(5)[k], v) for k, v in smaller.items())
+    ck.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(5)]
+
+
+def test_recycling_can_be_switched_off(tmp_path: Path) -> None:
+    ck = Checkpointer(str(tmp_path), keep=1, layout=CheckpointLayout(recycle=False))
+    for step in range(1, 4):
+        ck.save(step, {"v": torch.ones(10) * step})
+        ck.wait()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(step)]
+    ck.close()
+
+
+def test_spares_left_by_a_dead_process_are_removed(tmp_path: Path) -> None:
+    stale = tmp_path / f"{SPARE_PREFIX}0123456789ab" / "00000-v" / "c"
+    stale.mkdir(parents=True)
+    (stale / "0").write_bytes(b"old")
+    with Checkpointer(str(tmp_path), keep=1) as ck:
+        ck.save(1, {"v": torch.ones(3)})
+        ck.wait()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(1)]

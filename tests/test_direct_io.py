@@ -38,10 +38,10 @@ def direct_supported(path: Path) -> bool:
 def test_write_new_writes_every_byte(tmp_path: Path, tail: int) -> None:
     data = aligned(DIRECT_MIN + tail)
     assert direct_io.direct_prefix(data) == DIRECT_MIN + tail - (DIRECT_MIN + tail) % ALIGN
-    direct_io.write_new(str(tmp_path / "f"), data.data)
+    direct_io.write(str(tmp_path / "f"), data.data, new=True)
     assert (tmp_path / "f").read_bytes() == data.tobytes()
     with pytest.raises(FileExistsError):  # never overwrites
-        direct_io.write_new(str(tmp_path / "f"), data.data)
+        direct_io.write(str(tmp_path / "f"), data.data, new=True)
 
 
 def test_small_or_unaligned_payloads_are_not_direct() -> None:
