@@ -24,7 +24,9 @@ Contract:
 * Saving a step that is already committed replaces it atomically (the old one stays valid until the
   new manifest lands).
 * Retention keeps the newest ``keep`` committed checkpoints by step number, never the one just
-  written, never the newest; interrupted saves of older steps are removed with them.
+  written, never the newest; interrupted saves of older steps are removed with them. The data of
+  the one it retires is kept as a spare that the next save rewrites in place
+  (``CheckpointLayout.recycle``); ``close()`` removes it.
 * ``load()`` without a step tries committed checkpoints newest first and warns
   (``CheckpointFallbackWarning``) when it had to skip any.
 
