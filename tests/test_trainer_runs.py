@@ -234,3 +234,8 @@ def test_killed_and_resumed_run_is_exact(run_a: RunA, store: str, tmp_path: Path
     )
     for part in ("model", "optimizer", "scheduler", "ranks"):
         assert_same_tree(state_a[part], state_c[part], part)
+    # A finished run leaves only its newest checkpoints: the retired one kept for reuse is gone,
+    # and so is the one the killed run B left behind.
+    for ck in (run_a.dir / "ck", tmp_path / "ck"):
+        names = sorted(p.name for p in ck.iterdir())
+        assert names == [f"step-{s:09d}" for s in Checkpointer(str(ck)).steps()] and len(names) == 3, names

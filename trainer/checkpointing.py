@@ -120,9 +120,10 @@ class RunCheckpoints:
         return time.perf_counter() - t0
 
     def finish(self) -> None:
-        """Wait until every save is persisted; re-raises a background write error."""
+        """Wait until every save is persisted (re-raises a background write error), then free the
+        staging buffer and the retired checkpoint kept for reuse: only the ``keep`` newest stay."""
         if self.ck is not None and self.dist.is_main:
-            self.ck.wait()
+            self.ck.close()
 
     def restore(self, *, model: nn.Module, optimizer: Any, scheduler: Any) -> Position | None:
         """Load the newest valid checkpoint into the model, optimizer, scheduler and RNGs.
