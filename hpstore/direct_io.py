@@ -57,18 +57,21 @@ class DirectRefused(OSError):
     """The file system does not do ``O_DIRECT`` here; write buffered instead."""
 
 
-def write(path: str, data: bytes | memoryview, *, new: bool) -> None:
-    """Write ``data`` as the whole content of ``path``: the aligned prefix ``O_DIRECT``, the tail
-    buffered. ``new``: create it (it must not exist; on failure it is removed again); otherwise
-    create or overwrite in place (blocks already allocated are simply rewritten). Raises
-    ``DirectRefused`` (having written nothing) when the file system refuses direct I/O."""
+def write(path: str, data: bytes | memoryview, *, new: bool, direct: bool = True) -> int:
+    """Write ``data`` as the whole content of ``path`` and return how many bytes went
+    ``O_DIRECT``: the aligned prefix when ``direct`` and ``direct_prefix`` allow, the rest through
+    the page cache. ``new``: create it (it must not exist; on failure it is removed again);
+    otherwise create or overwrite in place (blocks already allocated are simply rewritten).
+    Raises ``DirectRefused`` (having written nothing) when the file system refuses direct I/O."""
     view = memoryview(data).cast("B")
-    head = direct_prefix(view)
-    flags = os.O_WRONLY | os.O_CREAT | _O_DIRECT | (os.O_EXCL if new else 0)
+    head = direct_prefix(view) if direct else 0
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else 0) | (_O_DIRECT if head else 0)
     try:
         fd = os.open(path, flags, 0o644)
     except OSError as exc:
-        if exc.errno == errno.EINVAL:
+        if head and exc.errno == errno.EINVAL:
+            if new:  # some file systems create the file before refusing the flag
+                _unlink(path)
             raise DirectRefused(exc.errno, f"O_DIRECT refused: {exc.strerror}") from None
         raise
     try:
@@ -80,18 +83,23 @@ def write(path: str, data: bytes | memoryview, *, new: bool) -> None:
                 if exc.errno == errno.EINVAL and done == 0:
                     raise DirectRefused(exc.errno, f"O_DIRECT refused: {exc.strerror}") from None
                 raise
-        if done < len(view):  # the ragged tail: same descriptor, page cache
+        if head and done < len(view):  # the ragged tail: same descriptor, page cache
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], done)
+        while done < len(view):
+            done += os.pwrite(fd, view[done:], done)
         if not new:
             os.ftruncate(fd, len(view))
     except BaseException:
         os.close(fd)
         if new:
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+            _unlink(path)
         raise
     os.close(fd)
+    return head
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

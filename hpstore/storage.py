@@ -254,26 +254,12 @@ class LocalStorage(Storage):
         self._count_write(len(data), direct, t0)
 
     def _put(self, path: str, data: bytes | memoryview, *, new: bool) -> int:
-        """Write the file (see ``direct_io.write``); returns the bytes that went ``O_DIRECT``."""
-        direct = direct_io.direct_prefix(data) if self.direct else 0
-        if direct:
-            try:
-                direct_io.write(path, data, new=new)
-                return direct
-            except direct_io.DirectRefused:
-                self.direct = False
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | (os.O_EXCL if new else 0), 0o644)
+        """Write the file (``direct_io.write``); returns the bytes that went ``O_DIRECT``."""
         try:
-            view, done = memoryview(data).cast("B"), 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], done)
-            if not new:
-                os.ftruncate(fd, len(view))
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-        return 0
+            return direct_io.write(path, data, new=new, direct=self.direct)
+        except direct_io.DirectRefused:
+            self.direct = False
+            return direct_io.write(path, data, new=new, direct=False)
 
     def _count_write(self, nbytes: int, direct: int, t0: float) -> None:
         self.stats.add(

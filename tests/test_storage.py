@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from hpstore.errors import InputError, ObjectNotFoundError, StorageError
-from hpstore.storage import FsspecStorage, LocalStorage, Storage, check_key, open_storage
+from hpstore.storage import FsspecStorage, LocalStorage, PrefixStorage, Storage, check_key, open_storage
 from hpstore.wrappers import LatencyStorage, RetryingStorage, RetryPolicy
 
 
@@ -119,3 +119,31 @@ def test_deferred_writes_are_atomic_and_synced_together(storage: Storage) -> Non
     storage.sync()
     assert storage.list("batch") == {f"batch/{i}": 100 for i in range(20)}
     assert storage.read("batch/7") == bytes([7]) * 100
+
+
+def test_overwrite_rewrites_whole_objects_and_move_prefix_moves_or_says_no(storage: Storage) -> None:
+    storage.write("g/a/x", b"0123456789")
+    storage.overwrite("g/a/x", b"abc")  # shorter: the old tail is gone
+    storage.overwrite("g/b/y", b"new object")
+    storage.overwrite("g/b/y", b"longer than before")
+    storage.sync()
+    assert storage.list("g") == {"g/a/x": 3, "g/b/y": 18}
+    assert storage.read("g/a/x") == b"abc" and storage.read("g/b/y") == b"longer than before"
+    moved = storage.move_prefix("g", "h/g2")
+    if moved:  # local directories: one rename
+        assert storage.list("g") == {} and storage.list("h") == {"h/g2/a/x": 3, "h/g2/b/y": 18}
+        assert not storage.move_prefix("g", "h/g3")  # nothing there to move
+        storage.write("h/g3/z", b"1")
+        assert not storage.move_prefix("h/g2", "h/g3")  # never onto something that exists
+    else:  # object stores: a move would be a copy; nothing moved
+        assert storage.list("g") == {"g/a/x": 3, "g/b/y": 18} and storage.list("h") == {}
+    assert moved == isinstance(storage, LocalStorage | PrefixStorage)
+
+
+def test_local_overwrite_keeps_the_file_and_leaves_no_temp_files(tmp_path: os.PathLike[str]) -> None:
+    st = LocalStorage(str(tmp_path))
+    st.write("o", b"x" * 100)
+    inode = os.stat(os.path.join(tmp_path, "o")).st_ino
+    st.overwrite("o", b"y" * 10)
+    assert os.stat(os.path.join(tmp_path, "o")).st_ino == inode  # rewritten in place
+    assert os.listdir(tmp_path) == ["o"] and st.read("o") == b"y" * 10
