@@ -147,7 +147,9 @@ def test_chunks_tile_the_array_bytes_exactly(shape: tuple[int, ...], itemsize: i
 
 @settings(max_examples=200, deadline=None)
 @given(
-    shape=st.lists(st.integers(1, 3000), min_size=1, max_size=3).map(tuple),
+    shape=st.tuples(
+        st.lists(st.integers(1, 4), max_size=1), st.lists(st.integers(1, 3000), min_size=1, max_size=2)
+    ).map(lambda t: (*t[0], *t[1])),
     itemsize=st.sampled_from([1, 2, 4, 8]),
     target=st.integers(DIRECT_ALIGN, 1 << 20),
 )
