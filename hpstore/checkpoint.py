@@ -244,7 +244,7 @@ class Checkpointer:
         found = scan_root(self.storage)
         for step in retention_plan(found.committed, current, self.keep):
             prefix = step_prefix(step)
-            gen = self._generation(step) if self.layout.recycle and self._spare is None else None
+            gen = self._generation(step) if self._can_recycle() and self._spare is None else None
             self.storage.delete_prefix(f"{prefix}/{MANIFEST_KEY}")  # uncommit first, then remove
             if gen is not None:
                 spare = f"{SPARE_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -257,6 +257,10 @@ class Checkpointer:
         for spare in found.spares:
             if spare != self._spare:  # left by a process that ended without close()
                 self.storage.delete_prefix(spare)
+
+    def _can_recycle(self) -> bool:
+        """Recycling is on and the storage can move a prefix (else the manifest read is wasted)."""
+        return self.layout.recycle and type(self.storage).move_prefix is not Storage.move_prefix
 
     def _generation(self, step: int) -> str | None:
         """The data generation of a committed step (None if its manifest does not read)."""
