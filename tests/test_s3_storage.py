@@ -10,7 +10,8 @@ import pytest
 
 from hpstore.errors import ObjectNotFoundError, StorageError
 from hpstore.failures import Redactor, TransientStorageError, safe_url
-from hpstore.storage import FsspecStorage, Storage, open_storage
+from hpstore.fsspec_storage import FsspecStorage
+from hpstore.storage import Storage, open_storage
 from hpstore.wrappers import RetryingStorage, RetryPolicy
 from tests.support.faultproxy import FaultProxy, Faults
 from tests.support.s3server import SECRET, S3Server, client_env

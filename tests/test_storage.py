@@ -9,7 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from hpstore.errors import InputError, ObjectNotFoundError, StorageError
-from hpstore.storage import FsspecStorage, LocalStorage, PrefixStorage, Storage, check_key, open_storage
+from hpstore.fsspec_storage import FsspecStorage
+from hpstore.storage import LocalStorage, PrefixStorage, Storage, check_key, open_storage
 from hpstore.wrappers import LatencyStorage, RetryingStorage, RetryPolicy
 
 
