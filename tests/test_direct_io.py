@@ -79,3 +79,19 @@ def test_checkpoint_chunks_go_direct_and_load_back(tmp_path: Path) -> None:
         assert stats.bytes_written_direct >= big  # edge chunks too (zero-padded, aligned)
         got = ck.load(1)
     assert all(torch.equal(got[k], v) for k, v in state.items())
+
+
+def test_checkpoint_bytes_do_not_stay_in_the_page_cache(tmp_path: Path) -> None:
+    from benchmarks.cache import resident_fraction
+
+    if not direct_supported(tmp_path):
+        pytest.skip(f"{tmp_path}: the file system refuses O_DIRECT")
+    state = {f"w{i}": torch.randn(1024, 1024) for i in range(4)}  # 16 MiB in 4 MiB arrays
+    with Checkpointer(str(tmp_path / "ck")) as ck:
+        ck.save(1, state)
+        ck.wait()
+    chunks = [p for p in (tmp_path / "ck").rglob("*") if p.is_file() and "c" in p.parent.parts]
+    resident = resident_fraction(chunks)
+    if resident is None:
+        pytest.skip("mincore is not available here")
+    assert len(chunks) == 4 and resident < 0.05  # buffered writes would leave all of it cached
