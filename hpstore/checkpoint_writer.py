@@ -81,11 +81,13 @@ def write_checkpoint(
         key, payload = job
         data = payload if isinstance(payload, bytes) else _chunk_bytes(snap, *payload)
         entry = ObjectEntry(size=len(data), crc32c=crc32c_hex(data))
-        # Durable as a whole by one sync before the manifest, not by an fsync per object.
+        # Durable as a whole by one sync before the manifest, not by an fsync per object. No reader
+        # looks into this generation before its manifest lands, so its objects need no atomic
+        # replace (locally: no temp file and rename; in a recycled generation, no new file).
         buf = data if isinstance(data, bytes) else data.data
-        if recycled:  # no reader looks into this generation before the manifest lands
+        if key.startswith(f"{gen}/"):
             st.overwrite(key, buf)
-        else:
+        else:  # the step's group metadata, which a committed checkpoint of this step may share
             st.write(key, buf, durable=False)
         return key, entry
 

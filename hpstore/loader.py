@@ -206,7 +206,6 @@ class Loader:
             paths = {name: f.path for name, f in ds.spec.fields.items()}
             self.disk_cache = ChunkDiskCache(ds.store.url, paths, cache_dir, cache_disk_bytes)
             policy = self.disk_cache.follow(policy)
-        self.io_threads = io_threads
         self.fetcher = ChunkFetcher(ds, self._io, self.disk_cache, io_threads)
         # The cache holds the fetcher, not the loader: no reference cycle, so a dropped loader
         # frees its cache at once instead of at the next full garbage collection (until then
