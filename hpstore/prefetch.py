@@ -14,24 +14,39 @@ Hazards handled here, and tested:
 - ``close()`` stops the threads and joins them (a job already running is allowed to finish), so an
   abandoned epoch leaves no threads behind; consumers should call it (the loader does, on exhaustion,
   on error, and when an abandoned iterator is collected);
-- a consumer waiting on a job whose threads have all died raises instead of waiting forever.
+- a consumer waiting on a job whose threads have all died raises instead of waiting forever;
+- a program that exits mid-epoch without closing its loader: at interpreter exit every live
+  prefetcher is closed before the interpreter stops its daemon threads. Python 3.11 stops a daemon
+  thread that wakes inside C code during finalization with ``pthread_exit``, whose forced unwind
+  through C++ frames aborts the process ("terminate called without an active exception", SIGABRT).
 
 ``workers=0`` runs every job inline in the consumer's thread, with the same interface.
 """
 
 from __future__ import annotations
 
+import atexit
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 J = TypeVar("J")
 T = TypeVar("T")
 
 _POLL_SECONDS = 1.0
 """How often a waiting consumer checks that the threads it waits on are still alive."""
+
+_LIVE: weakref.WeakSet[Prefetcher[Any, Any]] = weakref.WeakSet()
+"""Prefetchers with threads, closed at interpreter exit (see the module docstring)."""
+
+
+@atexit.register
+def _close_live_prefetchers() -> None:
+    for p in list(_LIVE):
+        p.close()
 
 
 @dataclass
@@ -74,6 +89,8 @@ class Prefetcher(Generic[J, T]):
         ]
         for t in self._threads:
             t.start()
+        if self._threads:
+            _LIVE.add(self)
 
     # -- background side ---------------------------------------------------------------------------
 

@@ -299,6 +299,30 @@ def test_a_dropped_loader_is_freed_at_once_without_the_garbage_collector(ds: hps
         gc.enable()
 
 
+def test_a_program_exiting_mid_epoch_stops_the_prefetch_threads_first(ds: hpstore.Dataset) -> None:
+    """Python 3.11 stops daemon threads caught in C code at exit with pthread_exit, which can abort
+    the process (SIGABRT) half-way through a torch or numpy call: the loader's threads must be gone
+    before that. The probe registers its exit check before hpstore, so it runs after hpstore's."""
+    import subprocess
+    import sys
+
+    code = f"""
+import atexit, threading
+@atexit.register
+def probe():
+    print(sorted(t.name for t in threading.enumerate() if t.name.startswith("hpstore-")), flush=True)
+import hpstore
+ds = hpstore.open({ds.store.url!r}).split("train")
+it = iter(hpstore.Loader(ds, 32, num_workers=3, prefetch_bytes=1 << 12))
+next(it)
+print(sum(t.name.startswith("hpstore-prefetch") for t in threading.enumerate()), flush=True)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    running, at_exit = out.stdout.splitlines()
+    assert running == "3" and at_exit == "[]"
+
+
 def test_bad_arguments_fail_clearly(ds: hpstore.Dataset) -> None:
     with pytest.raises(InputError, match="batch_size"):
         Loader(ds, 0)

@@ -239,6 +239,9 @@ class Trainer:
                 self.final_eval = self._evaluate()
             return self._summary(pos)
         finally:
+            self.loader.close()
+            if self.eval_loader is not None:
+                self.eval_loader.close()
             self.progress.close()
             self.metrics.close()
             if self.indices is not None:
