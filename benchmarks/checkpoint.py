@@ -31,7 +31,7 @@ import torch
 from benchmarks.cache import drop_page_cache
 from benchmarks.common import BenchConfig, Figure, Progress, main
 from benchmarks.limits import write_file
-from hpstore.checkpoint import Checkpointer
+from hpstore.checkpoint.checkpointer import Checkpointer
 
 MB = 1e6
 BENCH = "checkpoint"

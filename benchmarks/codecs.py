@@ -34,10 +34,10 @@ import numpy as np
 
 import hpstore
 from benchmarks.common import BenchConfig, Figure, Progress, main, repeat
-from hpstore import zarr_format as zf
+from hpstore.format import zarr_shard as zf
+from hpstore.format.writer import Layout, StoreWriter
 from hpstore.gather import gather
-from hpstore.storage import LocalStorage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.storage.local import LocalStorage
 
 KiB, MiB = 1 << 10, 1 << 20
 CODECS: dict[str, dict[str, Any]] = {

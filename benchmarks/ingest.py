@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import BenchConfig, Figure, Progress, main, repeat
-from hpstore import zarr_format as zf
-from hpstore.writer import Layout
+from hpstore.format import zarr_shard as zf
+from hpstore.format.writer import Layout
 from tools.ingest import IngestConfig, ingest
 from tools.sample import SIDE, SampleConfig, digits, generate, templates
 from tools.sources import open_splits

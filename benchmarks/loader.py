@@ -53,11 +53,11 @@ from benchmarks.cache import drop_page_cache
 from benchmarks.codecs import digits
 from benchmarks.common import BenchConfig, Figure, Progress, main
 from benchmarks.limits import read_files
-from hpstore import batch as batching
-from hpstore.cache import ChunkCache, LruPolicy
-from hpstore.plan import EpochPlan, PlanSpec, assign
-from hpstore.storage import LocalStorage
-from hpstore.writer import StoreWriter
+from hpstore.format.writer import StoreWriter
+from hpstore.loading import batch as batching
+from hpstore.loading.cache import ChunkCache, LruPolicy
+from hpstore.loading.plan import EpochPlan, PlanSpec, assign
+from hpstore.storage.local import LocalStorage
 
 BATCH = 256
 MB = 1e6
@@ -560,7 +560,7 @@ def _rss() -> int:
 
 
 def shuffle_figures(n: int = 200_000, chunk_rows: int = 1337) -> list[Figure]:
-    """Plan quality per window size (see ``hpstore.plan``): neighbour distance relative to a full
+    """Plan quality per window size (see ``hpstore.loading.plan``): neighbour distance relative to a full
     permutation, distinct chunks per batch, distinct labels per batch on a label-sorted store."""
     figs = []
     full = np.random.default_rng(0).permutation(n)

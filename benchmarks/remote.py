@@ -46,12 +46,13 @@ import torch
 import hpstore
 from benchmarks.codecs import digits
 from benchmarks.common import BenchConfig, Figure, Progress, main
-from hpstore.checkpoint import Checkpointer
+from hpstore.checkpoint.checkpointer import Checkpointer
 from hpstore.dataset import Store
-from hpstore.storage import Range, Storage, open_storage
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.storage.base import Range, Storage
+from hpstore.storage.open import open_storage
+from hpstore.storage.wrappers import ForwardingStorage
 from hpstore.threads import run_parallel
-from hpstore.wrappers import ForwardingStorage
-from hpstore.writer import Layout, StoreWriter
 from tests.support.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent

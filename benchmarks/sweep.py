@@ -1,7 +1,7 @@
 """Sweep: choose the layout and read defaults by measuring them on this machine.
 
 One synthetic MNIST-like dataset (28×28 uint8, mostly zeros, + int64 label) is written with
-``hpstore.writer.StoreWriter`` under each layout and read back, shuffled, from a cold page cache.
+``hpstore.format.writer.StoreWriter`` under each layout and read back, shuffled, from a cold page cache.
 The parameters are decided one after another, each with the best value found so far for the others:
 
 1. ``chunk_bytes``  (read samples/s)          4. ``workers``: encode threads (write MB/s of source)
@@ -35,8 +35,8 @@ import numpy as np
 import hpstore
 from benchmarks.cache import drop_page_cache
 from benchmarks.common import BenchConfig, Figure, Progress, main
-from hpstore.storage import LocalStorage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.storage.local import LocalStorage
 
 KiB, MiB = 1 << 10, 1 << 20
 KEEP_WITHIN = 0.05
@@ -295,10 +295,10 @@ class Sweep:
 
 
 WHERE = {
-    "chunk_bytes": "hpstore.writer.Layout.chunk_bytes",
-    "shard_bytes": "hpstore.writer.Layout.shard_bytes",
-    "codec": "hpstore.writer.Layout.codec",
-    "workers": "hpstore.writer.Layout.workers",
+    "chunk_bytes": "hpstore.format.writer.Layout.chunk_bytes",
+    "shard_bytes": "hpstore.format.writer.Layout.shard_bytes",
+    "codec": "hpstore.format.writer.Layout.codec",
+    "workers": "hpstore.format.writer.Layout.workers",
     "threads": "hpstore.Loader (read threads)",
     "prefetch_depth": "hpstore.Loader prefetch_bytes ÷ chunk bytes",
 }
@@ -331,7 +331,7 @@ def _label(v: Any) -> str:
 
 
 def _loader_class() -> Any:
-    """``hpstore.Loader`` (or ``hpstore.loader.Loader`` before it is exported), or None."""
+    """``hpstore.Loader`` (or ``hpstore.loading.loader.Loader`` before it is exported), or None."""
     loader = getattr(hpstore, "Loader", None)
     if loader is None:
         try:

@@ -36,10 +36,11 @@ import torch
 import hpstore
 from benchmarks.common import BenchConfig, Figure, Progress, main
 from hpstore.dataset import Dataset, Store
-from hpstore.loader import Loader
-from hpstore.storage import Range, Storage, open_storage
-from hpstore.wrappers import ForwardingStorage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.loading.loader import Loader
+from hpstore.storage.base import Range, Storage
+from hpstore.storage.open import open_storage
+from hpstore.storage.wrappers import ForwardingStorage
 from trainer import distributed
 from trainer.config import TrainConfig
 from trainer.distributed import Dist

@@ -34,18 +34,18 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from hpstore.checkpoint import Checkpointer
-    from hpstore.loader import Loader
+    from hpstore.checkpoint.checkpointer import Checkpointer
+    from hpstore.loading.loader import Loader
 
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: it needs torch, which tools that only read or write stores do not.
     if name == "Checkpointer":
-        from hpstore.checkpoint import Checkpointer
+        from hpstore.checkpoint.checkpointer import Checkpointer
 
         return Checkpointer
     if name == "Loader":
-        from hpstore.loader import Loader
+        from hpstore.loading.loader import Loader
 
         return Loader
     raise AttributeError(f"module 'hpstore' has no attribute {name!r}")

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from hpstore.chunks import ChunkReader
 from hpstore.errors import InputError
+from hpstore.format.chunks import ChunkReader
+from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec, check_listing, read_manifest
 from hpstore.gather import gather
-from hpstore.manifest import FieldSpec, Manifest, SplitSpec, check_listing, read_manifest
-from hpstore.storage import Storage, open_storage
+from hpstore.storage.base import Storage
+from hpstore.storage.open import open_storage
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hpstore.chunks import Chunk
-from hpstore.manifest import FieldSpec
+from hpstore.format.chunks import Chunk
+from hpstore.format.manifest import FieldSpec
 
 
 def group_by_chunk(indices: np.ndarray, chunk_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

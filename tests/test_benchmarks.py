@@ -446,7 +446,7 @@ def test_tiny_sweep_measures_every_knob_and_names_a_default_for_each(tmp_path: P
         "prefetch_depth",
     ]
     codec = next(d for d in defaults if d["param"] == "codec")
-    assert codec["current"] == "zstd-1" and codec["where"] == "hpstore.writer.Layout.codec"
+    assert codec["current"] == "zstd-1" and codec["where"] == "hpstore.format.writer.Layout.codec"
     zstd = next(f for f in figs if f.name.endswith("codec zstd-1"))
     assert zstd.ratio == 1.0 and zstd.extra["ratio_stored"] < 1.0  # compresses, and is its own baseline
     assert plots.grouped(figs).keys() == {"chunk_size", "prefetch"}

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpstore.cache import ChunkCache, FurthestUsePolicy, LruPolicy, Policy
+from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, LruPolicy, Policy
 
 
 class Source:

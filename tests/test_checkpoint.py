@@ -16,12 +16,12 @@ import torch
 import zarr
 
 import hpstore
-from hpstore.checkpoint import Checkpointer, CheckpointLayout
-from hpstore.checkpoint_plan import step_prefix
-from hpstore.checkpoint_reader import SPARE_PREFIX, read_manifest
+from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointLayout
+from hpstore.checkpoint.plan import step_prefix
+from hpstore.checkpoint.reader import SPARE_PREFIX, read_manifest
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CheckpointError, InputError, ObjectNotFoundError, StorageError
-from hpstore.storage import open_storage
+from hpstore.storage.open import open_storage
 from tests.support.ckpt import assert_same, training_state
 
 SMALL = CheckpointLayout(chunk_bytes=4096, workers=4)  # many chunks, padded edges, parallel writes

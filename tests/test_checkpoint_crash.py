@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpstore.checkpoint import Checkpointer, CheckpointFallbackWarning, CheckpointLayout
-from hpstore.checkpoint_plan import step_prefix
+from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointFallbackWarning, CheckpointLayout
+from hpstore.checkpoint.plan import step_prefix
 from hpstore.errors import CheckpointError
 from tests.support.ckpt_child import expected
 

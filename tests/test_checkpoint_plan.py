@@ -13,8 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hpstore.checkpoint_manifest import CheckpointManifest
-from hpstore.checkpoint_plan import (
+from hpstore.checkpoint.manifest import CheckpointManifest
+from hpstore.checkpoint.plan import (
     ALIGN,
     DIRECT_ALIGN,
     array_key,
@@ -27,10 +27,10 @@ from hpstore.checkpoint_plan import (
     staging_offsets,
     step_prefix,
 )
-from hpstore.checkpoint_tree import flatten, unflatten
-from hpstore.direct_io import DIRECT_MIN
+from hpstore.checkpoint.tree import flatten, unflatten
 from hpstore.errors import CheckpointError
-from hpstore.manifest import ObjectEntry
+from hpstore.format.manifest import ObjectEntry
+from hpstore.storage.direct_io import DIRECT_MIN
 
 # -- the state tree ---------------------------------------------------------------------------
 

@@ -20,11 +20,12 @@ import pytest
 
 import hpstore
 from hpstore.errors import ObjectNotFoundError, StoreExistsError, StoreNotFoundError
-from hpstore.manifest import MANIFEST_KEY, Manifest
-from hpstore.storage import LocalStorage, Storage
-from hpstore.verify import verify
-from hpstore.wrappers import ForwardingStorage
-from hpstore.writer import StoreWriter
+from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.verify import verify
+from hpstore.format.writer import StoreWriter
+from hpstore.storage.base import Storage
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.wrappers import ForwardingStorage
 from tests.support.stores import SMALL, sample_columns, write_store
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,9 +138,9 @@ def test_committed_manifest_lists_every_object_and_only_those(tmp_path: Path) ->
 
 KILLED_WRITER = """
 import sys
-from hpstore.storage import LocalStorage
-from hpstore.wrappers import LatencyStorage
-from hpstore.writer import Layout
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.wrappers import LatencyStorage
+from hpstore.format.writer import Layout
 from tests.support.stores import sample_columns, write_store
 
 storage = LatencyStorage(LocalStorage(sys.argv[1]), 0.02)  # slow enough to be killed midway

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import hpstore
-from hpstore.storage import LocalStorage
-from hpstore.writer import Layout
+from hpstore.format.writer import Layout
+from hpstore.storage.local import LocalStorage
 from tests.support.stores import sample_columns, write_store
 
 N = 400

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from hpstore import direct_io
-from hpstore.checkpoint import Checkpointer, CheckpointLayout
-from hpstore.direct_io import ALIGN, DIRECT_MIN
-from hpstore.storage import LocalStorage
+from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointLayout
+from hpstore.storage import direct_io
+from hpstore.storage.direct_io import ALIGN, DIRECT_MIN
+from hpstore.storage.local import LocalStorage
 
 
 def aligned(nbytes: int, shift: int = 0) -> np.ndarray:

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpstore.cache import FurthestUsePolicy
-from hpstore.disk_cache import PREFIX, SUFFIX, TRAILER, ChunkDiskCache, DiskCache, file_name
+from hpstore.loading.cache import FurthestUsePolicy
+from hpstore.loading.disk_cache import PREFIX, SUFFIX, TRAILER, ChunkDiskCache, DiskCache, file_name
 
 
 def blob(i: int, size: int = 1000) -> bytes:
@@ -130,7 +130,7 @@ def test_plan_aware_eviction_hits_at_least_the_cached_fraction(tmp_path: Path) -
 WORKER = textwrap.dedent(
     """
     import sys, numpy as np
-    from hpstore.disk_cache import DiskCache, file_name
+    from hpstore.loading.disk_cache import DiskCache, file_name
     directory, seed, budget = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     cache = DiskCache(directory, budget)
     rng = np.random.default_rng(seed)

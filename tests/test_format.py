@@ -21,10 +21,11 @@ from hypothesis import strategies as st
 
 import hpstore
 from hpstore.errors import ManifestError, StoreNotFoundError
-from hpstore.manifest import MANIFEST_KEY, Manifest
-from hpstore.storage import LocalStorage, open_storage
-from hpstore.writer import Layout
-from hpstore.zarr_format import SUPPORTED_DTYPES
+from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.writer import Layout
+from hpstore.format.zarr_shard import SUPPORTED_DTYPES
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.open import open_storage
 from tests.support.stores import sample_columns, write_store
 
 CODECS = [

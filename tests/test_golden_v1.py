@@ -18,9 +18,9 @@ import pytest
 import zarr
 
 import hpstore
-from hpstore.storage import LocalStorage
-from hpstore.verify import verify
-from hpstore.writer import Layout
+from hpstore.format.verify import verify
+from hpstore.format.writer import Layout
+from hpstore.storage.local import LocalStorage
 from tests.support.stores import write_store
 
 GOLDEN = Path(__file__).parent / "data" / "format-v1"

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import hpstore
-from hpstore.manifest import MANIFEST_KEY
-from hpstore.storage import open_storage
-from hpstore.verify import verify
+from hpstore.format.manifest import MANIFEST_KEY
+from hpstore.format.verify import verify
+from hpstore.storage.open import open_storage
 from tests.support.ingest_data import mnist_like, read_all, write_idx, write_mnist_dir
 from tools.ingest import main
 

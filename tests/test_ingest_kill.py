@@ -15,9 +15,9 @@ import pytest
 
 import hpstore
 from hpstore.errors import StoreNotFoundError
-from hpstore.manifest import MANIFEST_KEY
-from hpstore.storage import open_storage
-from hpstore.verify import verify
+from hpstore.format.manifest import MANIFEST_KEY
+from hpstore.format.verify import verify
+from hpstore.storage.open import open_storage
 from tests.support.ingest_data import read_all
 
 REPO = Path(__file__).resolve().parent.parent

@@ -15,9 +15,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from hpstore.manifest import MANIFEST_KEY, Manifest
-from hpstore.storage import LocalStorage, open_storage
-from hpstore.writer import Layout
+from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.writer import Layout
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.open import open_storage
 from tests.support.stores import flip_bit, write_store
 from tools.inspect import human_bytes, main, parse_storage_options
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpstore.storage import LocalStorage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.storage.local import LocalStorage
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 1001  # odd: the last batch is short and one sample wraps around

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpstore.errors import InputError
-from hpstore.plan import EpochPlan, PlanSpec, assign, chunk_order
+from hpstore.loading.plan import EpochPlan, PlanSpec, assign, chunk_order
 
 specs = st.builds(
     PlanSpec,

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hpstore.prefetch import Prefetcher
+from hpstore.loading.prefetch import Prefetcher
 
 
 class Jobs:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 import hpstore
-from hpstore.disk_cache import PREFIX
-from hpstore.storage import open_storage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.loading.disk_cache import PREFIX
+from hpstore.storage.open import open_storage
 from tests.support.s3server import S3Server
 from tests.support.s3server import s3_server as s3_server  # the fixture
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import hpstore
-from hpstore.checkpoint import Checkpointer
+from hpstore.checkpoint.checkpointer import Checkpointer
 from tests.support.faultproxy import FaultProxy, Faults
 from tests.support.s3server import KEY_ID, SECRET, S3Server, bucket_objects, client_env
 from tests.support.s3server import s3_server as s3_server  # the fixture

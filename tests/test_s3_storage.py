@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from hpstore.errors import ObjectNotFoundError, StorageError
-from hpstore.failures import Redactor, TransientStorageError, safe_url
-from hpstore.fsspec_storage import FsspecStorage
-from hpstore.storage import Storage, open_storage
-from hpstore.wrappers import RetryingStorage, RetryPolicy
+from hpstore.storage.base import Storage
+from hpstore.storage.failures import Redactor, TransientStorageError, safe_url
+from hpstore.storage.fsspec import FsspecStorage
+from hpstore.storage.open import open_storage
+from hpstore.storage.wrappers import RetryingStorage, RetryPolicy
 from tests.support.faultproxy import FaultProxy, Faults
 from tests.support.s3server import SECRET, S3Server, client_env
 from tests.support.s3server import s3_server as s3_server  # the fixture

@@ -9,9 +9,11 @@ from collections.abc import Iterator
 import pytest
 
 from hpstore.errors import InputError, ObjectNotFoundError, StorageError
-from hpstore.fsspec_storage import FsspecStorage
-from hpstore.storage import LocalStorage, PrefixStorage, Storage, check_key, open_storage
-from hpstore.wrappers import LatencyStorage, RetryingStorage, RetryPolicy
+from hpstore.storage.base import PrefixStorage, Storage, check_key
+from hpstore.storage.fsspec import FsspecStorage
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.open import open_storage
+from hpstore.storage.wrappers import LatencyStorage, RetryingStorage, RetryPolicy
 
 
 @pytest.fixture(params=["local", "memory", "prefix"])

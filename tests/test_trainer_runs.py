@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpstore.checkpoint import Checkpointer
+from hpstore.checkpoint.checkpointer import Checkpointer
 from tests.support.trainer_store import write_image_store
 from tests.test_trainer import ROOT, records, run_trainer, trainer_env
 from trainer.__main__ import main as trainer_main

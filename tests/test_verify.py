@@ -14,9 +14,10 @@ import pytest
 
 import hpstore
 from hpstore.errors import CorruptObjectError, ManifestError
-from hpstore.manifest import MANIFEST_KEY, Manifest
-from hpstore.storage import LocalStorage, open_storage
-from hpstore.verify import verify
+from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.verify import verify
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.open import open_storage
 from tests.support.stores import flip_bit, sample_columns, write_store
 
 N = 300

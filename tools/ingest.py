@@ -7,7 +7,7 @@ field paths are under). DST is a local path or an fsspec URL (``s3://bucket/pref
 ``memory://...``).
 
 Flow: open and check every source (headers, counts, schemas) -> open the destination -> stream
-batches into ``hpstore.writer.StoreWriter`` (parallel encoding, bounded writers) -> commit the
+batches into ``hpstore.format.writer.StoreWriter`` (parallel encoding, bounded writers) -> commit the
 manifest last. Any error before the commit abandons the new generation: DST keeps exactly what it
 had (nothing, or the previous store, which stays readable until the new manifest replaces it).
 
@@ -29,12 +29,12 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from hpstore import zarr_format as zf
 from hpstore.errors import HpstoreError, InputError, StorageError
-from hpstore.manifest import MANIFEST_KEY, Manifest
+from hpstore.format import zarr_shard as zf
+from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.writer import Layout, StoreWriter
 from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
-from hpstore.storage import is_local, open_storage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.storage.open import is_local, open_storage
 from tools.sources import FORMATS, Split, open_splits
 from tools.sources.base import batch_nbytes, check_field_name
 from tools.sources.prefetch import prefetched

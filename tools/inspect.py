@@ -2,7 +2,7 @@
 
 Prints a store's manifest as a readable summary: splits (samples, chunking, shards) and fields
 (kind, type, codec, bytes on disk, uncompressed bytes, ratio). ``--verify`` re-reads every object
-and checks sizes and CRC32C checksums (``hpstore.verify``), printing one line per problem.
+and checks sizes and CRC32C checksums (``hpstore.format.verify``), printing one line per problem.
 
 Exit status: 0 when the store reads (and, with ``--verify``, verifies) cleanly; 1 when
 verification finds problems; 2 for bad input (not a store, unreadable manifest, bad flags).
@@ -18,10 +18,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from hpstore.errors import HpstoreError, InputError
-from hpstore.manifest import FORMAT_NAME, Codec, FieldSpec, Manifest, SplitSpec, read_manifest
+from hpstore.format.manifest import FORMAT_NAME, Codec, FieldSpec, Manifest, SplitSpec, read_manifest
+from hpstore.format.verify import VerifyReport, verify
 from hpstore.options import OneLineParser, UsageError, parse_storage_options
-from hpstore.storage import Storage, is_local, open_storage
-from hpstore.verify import VerifyReport, verify
+from hpstore.storage.base import Storage
+from hpstore.storage.open import is_local, open_storage
 
 PROG = "inspect"
 EXIT_PROBLEMS = 1

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hpstore.checkpoint import Checkpointer
+from hpstore.checkpoint.checkpointer import Checkpointer
 from hpstore.errors import CheckpointError
 from trainer.config import TrainConfig
 from trainer.distributed import Dist

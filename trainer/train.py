@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 import hpstore
 from hpstore.dataset import Dataset, Store
 from hpstore.errors import HpstoreError, StorageError
-from hpstore.loader import Loader
+from hpstore.loading.loader import Loader
 from trainer import distributed
 from trainer.checkpointing import Position, RunCheckpoints, run_meta
 from trainer.config import AUTO_EVAL, TrainConfig

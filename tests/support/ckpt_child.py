@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from hpstore.checkpoint import Checkpointer, CheckpointLayout
+from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointLayout
 
 LAYOUT = CheckpointLayout(chunk_bytes=64 << 10, workers=4)
 

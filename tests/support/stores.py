@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hpstore.manifest import Manifest
-from hpstore.storage import Storage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.manifest import Manifest
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.storage.base import Storage
 
 SMALL = Layout(chunk_bytes=1024, shard_bytes=4096, workers=2, writers=2)
 """Tiny chunks and shards, so small arrays still span many chunks, shards and Arrow parts."""

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpstore.storage import open_storage
-from hpstore.writer import Layout, StoreWriter
+from hpstore.format.writer import Layout, StoreWriter
+from hpstore.storage.open import open_storage
 
 SIDE = 10
 CLASSES = 4

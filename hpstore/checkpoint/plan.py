@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from hpstore import direct_io
-from hpstore.checkpoint_tree import Leaf, Path, path_str
+from hpstore.checkpoint.tree import Leaf, Path, path_str
 from hpstore.errors import CheckpointError
+from hpstore.storage import direct_io
 
 ALIGN = 64
 """Staging offsets are multiples of this, so every dtype view of the buffer is aligned."""

@@ -21,7 +21,7 @@ Semantics worth knowing:
 - Every rank yields ``len(loader)`` batches per epoch; across ranks every sample appears exactly once
   (``drop_last=False`` adds fewer than ``world_size`` wrap-around duplicates so every rank runs the
   same number of steps; ``drop_last=True`` leaves out fewer than ``world_size·batch_size`` samples
-  instead and every batch is full). See ``hpstore.plan``.
+  instead and every batch is full). See ``hpstore.loading.plan``.
 - ``num_workers`` is the number of background threads that build windows (read, decode, gather)
   ahead of the consumer; ``0`` builds them in the consumer's thread when needed. Local files are
   also read and decoded ``io_threads`` chunks at a time within a window (remote backends issue the
@@ -41,13 +41,13 @@ Semantics worth knowing:
   resumed position when ``e`` is the epoch already pending).
 - Fixed-shape fields arrive as tensors; variable-length fields as padded tensors plus
   ``<name>_lengths`` (lists of numbers) or Python lists (bytes, strings, others); see
-  ``hpstore.batch``. ``with_index=True`` adds ``index``, the global sample index of each row.
+  ``hpstore.loading.batch``. ``with_index=True`` adds ``index``, the global sample index of each row.
 - Memory: decoded chunks up to ``cache_bytes``, plus windows in flight up to ``prefetch_bytes`` (at
   least one window per worker), plus the window being consumed; flat across epochs (the loader tunes
-  glibc malloc once per process so freed chunk buffers are reused: ``hpstore.memory``).
+  glibc malloc once per process so freed chunk buffers are reused: ``hpstore.loading.memory``).
 - ``cache_dir`` adds a local-disk tier below the RAM cache for remote stores: raw chunk bytes, at
   most ``cache_disk_bytes``, verified before use, kept across restarts, shareable by processes, and
-  evicted by the same plan (``hpstore.disk_cache``).
+  evicted by the same plan (``hpstore.loading.disk_cache``).
 - Errors from background work (a corrupt chunk names its object; a vanished object) re-raise in the
   consumer at the batch that needed it; the position stays at the last batch delivered.
 """
@@ -64,19 +64,19 @@ from typing import Any
 
 import numpy as np
 
-from hpstore import batch as batching
-from hpstore.buffers import BufferPool
-from hpstore.cache import ChunkCache, FurthestUsePolicy, Policy
-from hpstore.chunks import Chunk
 from hpstore.counters import Counters
 from hpstore.dataset import Dataset
-from hpstore.disk_cache import ChunkDiskCache
 from hpstore.errors import InputError
-from hpstore.manifest import FieldSpec
-from hpstore.memory import keep_freed_memory
-from hpstore.plan import EpochPlan, PlanSpec
-from hpstore.prefetch import Prefetcher
-from hpstore.storage import Range, Storage
+from hpstore.format.chunks import Chunk
+from hpstore.format.manifest import FieldSpec
+from hpstore.loading import batch as batching
+from hpstore.loading.buffers import BufferPool
+from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, Policy
+from hpstore.loading.disk_cache import ChunkDiskCache
+from hpstore.loading.memory import keep_freed_memory
+from hpstore.loading.plan import EpochPlan, PlanSpec
+from hpstore.loading.prefetch import Prefetcher
+from hpstore.storage.base import Range, Storage
 
 DEFAULT_PREFETCH_BYTES = 256 << 20
 DEFAULT_CACHE_BYTES = 512 << 20
@@ -171,7 +171,7 @@ class Loader:
         if cache_bytes < 0:
             raise InputError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.dataset = ds
-        keep_freed_memory()  # reuse chunk buffers instead of faulting in fresh pages (hpstore.memory)
+        keep_freed_memory()  # reuse chunk buffers instead of faulting in fresh pages (hpstore.loading.memory)
         self.rank, self.world_size = resolve_world(rank, world_size)
         self.spec = PlanSpec(
             num_samples=len(ds),
@@ -198,7 +198,7 @@ class Loader:
         self.buffers = BufferPool(pin=self.pin_memory, limit=num_workers + 3)
         self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
         self._io = LoaderStats()
-        # Optional local-disk tier under the RAM cache (``hpstore.disk_cache``): raw chunk bytes,
+        # Optional local-disk tier under the RAM cache (``hpstore.loading.disk_cache``): raw chunk bytes,
         # evicted with the same plan, which it follows through the RAM cache's policy.
         policy: Policy = FurthestUsePolicy()
         self.disk_cache: ChunkDiskCache | None = None

@@ -5,7 +5,7 @@ recorded size and CRC32C (a missing object is reported as missing, by the read t
 listing up front would read every directory of the checkpoint, the slowest part of a cold load
 on a local disk). Any failure raises ``CheckpointError`` naming the
 array (or the tree) it belongs to. Nothing here unpickles: tensors are rebuilt from raw bytes and
-the rest from the tagged JSON tree (``hpstore.checkpoint_tree``).
+the rest from the tagged JSON tree (``hpstore.checkpoint.tree``).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpstore.checkpoint_manifest import MANIFEST_KEY, CheckpointManifest
-from hpstore.checkpoint_plan import ArraySpec, ChunkSpec, parse_step, step_prefix
-from hpstore.checkpoint_tree import TORCH_DTYPES, Leaf, unflatten
+from hpstore.checkpoint.manifest import MANIFEST_KEY, CheckpointManifest
+from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, parse_step, step_prefix
+from hpstore.checkpoint.tree import TORCH_DTYPES, Leaf, unflatten
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError
-from hpstore.storage import Storage
+from hpstore.storage.base import Storage
 from hpstore.threads import run_parallel
 
 SPARE_PREFIX = "spare-"

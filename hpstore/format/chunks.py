@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hpstore import zarr_format as zf
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CorruptObjectError, InputError
-from hpstore.manifest import FieldSpec, Manifest, SplitSpec
-from hpstore.storage import Range, Storage
+from hpstore.format import zarr_shard as zf
+from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec
+from hpstore.storage.base import Range, Storage
 
 Chunk = Any
 """A decoded chunk: ``np.ndarray`` (fixed-shape field) or ``pa.Array`` (variable-length field)."""

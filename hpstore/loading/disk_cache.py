@@ -19,7 +19,7 @@ Safe for several processes sharing one directory, with no shared mutable index t
 With several processes the budget can be exceeded briefly (each sees the others' writes at its next
 rescan); it is respected again after the next eviction pass.
 
-Eviction is decided by a ``hpstore.cache.Policy`` over file names: the loader mirrors its RAM cache's
+Eviction is decided by a ``hpstore.loading.cache.Policy`` over file names: the loader mirrors its RAM cache's
 plan into a ``FurthestUsePolicy`` (``ChunkDiskCache.follow``), so the disk evicts the chunk needed
 furthest in the future and does not admit one needed later than everything it holds, exactly like
 the RAM cache. Without a plan, ``LruPolicy`` is the default.
@@ -37,11 +37,11 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hpstore.cache import FurthestUsePolicy, LruPolicy, Policy
 from hpstore.checksum import crc32c
 from hpstore.counters import Counters
 from hpstore.errors import InputError
-from hpstore.storage import Range
+from hpstore.loading.cache import FurthestUsePolicy, LruPolicy, Policy
+from hpstore.storage.base import Range
 
 MAGIC = b"HPC1"
 TRAILER = struct.Struct("<4sIQ")  # magic, crc32c of the payload, payload length

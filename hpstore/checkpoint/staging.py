@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from hpstore.checkpoint_tree import Leaf
-from hpstore.direct_io import ALIGN
+from hpstore.checkpoint.tree import Leaf
+from hpstore.storage.direct_io import ALIGN
 
 
 @dataclass

@@ -29,9 +29,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from hpstore.chunks import Chunk, _schema
-from hpstore.manifest import FieldSpec
-from hpstore.plan import Window
+from hpstore.format.chunks import Chunk, _schema
+from hpstore.format.manifest import FieldSpec
+from hpstore.loading.plan import Window
 
 LENGTHS_SUFFIX = "_lengths"
 """Key suffix of the lengths tensor that accompanies a padded variable-length field."""
@@ -53,7 +53,7 @@ def is_padded(f: FieldSpec) -> bool:
 
 Take = Callable[[tuple[int, ...], np.dtype[Any]], torch.Tensor]
 """Where a window's rows go: an uninitialised CPU tensor of the given shape and dtype (see
-``hpstore.buffers``)."""
+``hpstore.loading.buffers``)."""
 
 
 def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from hpstore import direct_io
-from hpstore.checkpoint_manifest import (
+from hpstore.checkpoint.manifest import (
     GROUP_KEY,
     MANIFEST_KEY,
     TREE_KEY,
@@ -23,11 +22,12 @@ from hpstore.checkpoint_manifest import (
     array_json,
     group_json,
 )
-from hpstore.checkpoint_plan import ArraySpec, ChunkSpec, step_prefix
+from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, step_prefix
+from hpstore.checkpoint.staging import Snapshot
 from hpstore.checksum import crc32c_hex
-from hpstore.manifest import ObjectEntry
-from hpstore.staging import Snapshot
-from hpstore.storage import Storage
+from hpstore.format.manifest import ObjectEntry
+from hpstore.storage import direct_io
+from hpstore.storage.base import Storage
 from hpstore.threads import run_parallel
 
 log = logging.getLogger(__name__)

@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from hpstore import zarr_format as zf
 from hpstore.checksum import crc32c
 from hpstore.errors import ObjectNotFoundError, StorageError
-from hpstore.manifest import Manifest, ObjectEntry
-from hpstore.storage import Storage
+from hpstore.format import zarr_shard as zf
+from hpstore.format.manifest import Manifest, ObjectEntry
+from hpstore.storage.base import Storage
 
 ProblemKind = Literal["missing", "truncated", "resized", "corrupt", "extra", "unlisted", "unreadable"]
 

@@ -19,15 +19,15 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from hpstore.checkpoint_plan import (
+from hpstore.checkpoint.plan import (
     ZARR_CORE_DTYPES,
     ArraySpec,
     is_contiguous_chunking,
 )
-from hpstore.checkpoint_tree import TORCH_DTYPES
+from hpstore.checkpoint.tree import TORCH_DTYPES
 from hpstore.errors import CheckpointError, InputError
-from hpstore.manifest import ObjectEntry
-from hpstore.storage import check_key
+from hpstore.format.manifest import ObjectEntry
+from hpstore.storage.base import check_key
 
 FORMAT_NAME = "hpstore-checkpoint"
 FORMAT_VERSION = 1

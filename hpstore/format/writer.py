@@ -26,10 +26,10 @@ from typing import Any, TypeAlias
 import numpy as np
 import pyarrow as pa
 
-from hpstore import zarr_format as zf
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import InputError, StoreExistsError
-from hpstore.manifest import (
+from hpstore.format import zarr_shard as zf
+from hpstore.format.manifest import (
     MANIFEST_KEY,
     ArrowPart,
     Codec,
@@ -39,7 +39,7 @@ from hpstore.manifest import (
     SplitSpec,
     commit_manifest,
 )
-from hpstore.storage import Storage
+from hpstore.storage.base import Storage
 
 Column: TypeAlias = Any
 """A column of rows: ``np.ndarray`` (fixed-shape field) or ``pa.Array`` / ``pa.ChunkedArray``."""

@@ -47,8 +47,8 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from hpstore.checkpoint_manifest import MANIFEST_KEY
-from hpstore.checkpoint_plan import (
+from hpstore.checkpoint.manifest import MANIFEST_KEY
+from hpstore.checkpoint.plan import (
     ArraySpec,
     array_specs,
     plan_signature,
@@ -56,18 +56,19 @@ from hpstore.checkpoint_plan import (
     staging_offsets,
     step_prefix,
 )
-from hpstore.checkpoint_reader import (
+from hpstore.checkpoint.reader import (
     SPARE_PREFIX,
     checkpoint_steps,
     read_checkpoint,
     read_manifest,
     scan_root,
 )
-from hpstore.checkpoint_tree import Leaf, Path, flatten
-from hpstore.checkpoint_writer import prune_generations, write_checkpoint
+from hpstore.checkpoint.staging import Slots, StagingBuffer
+from hpstore.checkpoint.tree import Leaf, Path, flatten
+from hpstore.checkpoint.writer import prune_generations, write_checkpoint
 from hpstore.errors import CheckpointError, InputError
-from hpstore.staging import Slots, StagingBuffer
-from hpstore.storage import Storage, open_storage
+from hpstore.storage.base import Storage
+from hpstore.storage.open import open_storage
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import the optional client libraries. Messages are scrubbed of secrets (``Redact
 are raised: credentials must never reach a log, an error message or a manifest.
 
 ``is_transient`` says which errors to retry and ``RetryPolicy`` how (full-jitter exponential
-backoff, bounded attempts); ``hpstore.wrappers.RetryingStorage`` applies them to every request, and
+backoff, bounded attempts); ``hpstore.storage.wrappers.RetryingStorage`` applies them to every request, and
 S3 multipart uploads to each part.
 """
 

@@ -12,8 +12,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hpstore.errors import HpstoreError, InputError, ObjectNotFoundError
-from hpstore.failures import Redactor, RetryPolicy, TransientStorageError, classify, is_transient, safe_url
-from hpstore.storage import Range, Storage, StorageStats, check_key, raise_first
+from hpstore.storage.base import Range, Storage, StorageStats, check_key, raise_first
+from hpstore.storage.failures import (
+    Redactor,
+    RetryPolicy,
+    TransientStorageError,
+    classify,
+    is_transient,
+    safe_url,
+)
 from hpstore.threads import run_parallel
 
 
@@ -23,7 +30,7 @@ class FsspecStorage(Storage):
     ``read_ranges`` uses ``cat_ranges``, which async file systems (s3fs) run concurrently, so many
     byte-range requests are in flight at once and per-request latency is hidden.
 
-    Every backend exception is translated at this boundary (``hpstore.failures.classify``) into
+    Every backend exception is translated at this boundary (``hpstore.storage.failures.classify``) into
     ``ObjectNotFoundError``, a permanent ``StorageError`` or a ``TransientStorageError``, with secrets
     scrubbed from the message. Retrying is *not* done here: ``RetryingStorage`` does it, once, with
     jittered backoff, and counts it. For S3 the client's own retry loops (botocore's and s3fs's) are

@@ -23,7 +23,7 @@ import numpy as np
 
 from hpstore.checksum import crc32c
 from hpstore.errors import CorruptObjectError, InputError
-from hpstore.manifest import Codec
+from hpstore.format.manifest import Codec
 
 numcodecs.blosc.use_threads = False  # parallelism comes from running several decodes at once
 

@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from hpstore.errors import HpstoreError, StorageError
-from hpstore.failures import RetryPolicy, is_transient
-from hpstore.storage import Range, Storage, raise_first
+from hpstore.storage.base import Range, Storage, raise_first
+from hpstore.storage.failures import RetryPolicy, is_transient
 
 __all__ = ["LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hpstore.errors import ManifestError, StoreNotFoundError
-from hpstore.storage import Storage, check_key
+from hpstore.storage.base import Storage, check_key
 
 FORMAT_NAME = "hpstore"
 FORMAT_VERSION = 1
