@@ -76,7 +76,7 @@ from hpstore.loading.disk_cache import ChunkDiskCache
 from hpstore.loading.memory import keep_freed_memory
 from hpstore.loading.plan import EpochPlan, PlanSpec
 from hpstore.loading.prefetch import Prefetcher
-from hpstore.storage.base import Range, Storage
+from hpstore.storage.base import Range
 
 DEFAULT_PREFETCH_BYTES = 256 << 20
 DEFAULT_CACHE_BYTES = 512 << 20
@@ -365,8 +365,7 @@ class ChunkFetcher:
 
     def _io_pool(self) -> ThreadPoolExecutor | None:
         """The read/decode threads, for backends whose ``read_ranges`` is a serial loop."""
-        storage = self.reader.storage
-        if self.io_threads < 2 or type(storage).read_ranges is not Storage.read_ranges:
+        if self.io_threads < 2 or self.reader.storage.capabilities.concurrent_ranges:
             return None
         with self._pool_lock:
             if self._pool is None:
