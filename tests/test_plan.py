@@ -284,3 +284,16 @@ def test_plans_cost_what_their_chunks_cost_not_their_samples() -> None:
     assert int((last[:, 2] - last[:, 1]).sum()) == plan.span - plan.window_bounds(j)[0]
     resumed = EpochPlan(dataclasses.replace(spec, world_size=3), 5, 2, [(8, 1000)])
     assert len(resumed.pieces) < 8 * (spec.window_rows + 2) and resumed.total == 10**9 - 8 * 256_000
+
+
+@settings(max_examples=100, deadline=None)
+@given(spec=ramp_specs, epoch=st.integers(0, 9), data=st.data())
+def test_chunks_by_window_lists_what_each_window_reads(
+    spec: PlanSpec, epoch: int, data: st.DataObject
+) -> None:
+    world = data.draw(st.integers(1, 8))
+    step = data.draw(st.integers(0, PlanSpec(**{**spec.__dict__, "world_size": world}).steps_per_epoch))
+    plan = EpochPlan(spec, epoch, data.draw(st.integers(0, spec.world_size - 1)), [(world, step)])
+    first = data.draw(st.integers(0, plan.num_windows))
+    want = [plan.window_chunks(j) for j in range(first, plan.num_windows)]
+    assert plan.chunks_by_window(first) == want

@@ -425,12 +425,12 @@ class _Builder:
         names = list(self.loader.fields)
         future: list[tuple[str, int]] = []
         bases: dict[int, int] = {}
-        for j in range(first_window, self.plan.num_windows):
+        for j, chunks in enumerate(self.plan.chunks_by_window(first_window), start=first_window):
             bases[j] = len(future)
-            future.extend((name, c) for c in self.plan.window_chunks(j) for name in names)
+            future.extend((name, c) for c in chunks for name in names)
         following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
-        for j in range(following.num_windows):
-            future.extend((name, c) for c in following.window_chunks(j) for name in names)
+        for chunks in following.chunks_by_window():
+            future.extend((name, c) for c in chunks for name in names)
         self.loader.cache.plan(future)
         return bases
 

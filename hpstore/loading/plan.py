@@ -417,6 +417,20 @@ class EpochPlan:
         """Distinct chunks window ``j`` reads, in order of first use."""
         return list(dict.fromkeys(self.window_pieces(j)[:, 0].tolist()))
 
+    def chunks_by_window(self, first: int = 0) -> list[list[int]]:
+        """``window_chunks(j)`` for every window from ``first`` on, in one vectorised pass (a fresh
+        loader lists them all before its first batch)."""
+        n = self.num_windows
+        if first >= n:
+            return []
+        b = self.spec.batch_size
+        bounds = np.array([min(self.spec.first_step(j) * b, self.span) for j in range(first, n + 1)])
+        starts, ends = self._mine.starts, self._mine.ends
+        k0 = np.searchsorted(ends, bounds[:-1], side="right").tolist()
+        k1 = np.searchsorted(starts, bounds[1:], side="left").tolist()
+        ids = self.pieces[:, 0].tolist()
+        return [list(dict.fromkeys(ids[a:z])) for a, z in zip(k0, k1, strict=True)]
+
     def window(self, j: int) -> Window:
         spec = self.spec
         a, b = self.window_bounds(j)
