@@ -273,9 +273,12 @@ def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(tmp_path: Path, data
     next(it)
     shards = sorted((tmp_path / "s").rglob("image/c/*/0/0"))
     for shard in shards:  # flip a byte in the first chunk of every shard: later windows must fail
-        raw = bytearray(shard.read_bytes())
-        raw[3] ^= 0xFF
-        shard.write_bytes(bytes(raw))
+        # In place (no truncate and rewrite): prefetch threads may be reading these files right now.
+        with open(shard, "r+b") as f:
+            f.seek(3)
+            b = f.read(1)[0]
+            f.seek(3)
+            f.write(bytes([b ^ 0xFF]))
     with pytest.raises(CorruptObjectError, match=r"image/c/\d+/0/0: checksum mismatch"):
         for _ in it:
             pass
