@@ -41,7 +41,7 @@ ORDER = ("limits", "codecs", "ingest", "loader", "remote", "checkpoint", "traine
 """The default run, in order. A module listed here but not written yet is reported as failed."""
 OPT_IN = ("sweep",)
 """Modules that run only when asked for (``--sweep`` or ``--only``)."""
-INFRASTRUCTURE = frozenset({"common", "suite", "report", "plots", "machine", "cache", "__main__"})
+INFRASTRUCTURE = frozenset({"common", "suite", "report", "plots", "machine", "cache", "consumer", "__main__"})
 QUICK_BUDGET_S = 30.0
 """What one module's ``--quick`` run may take (the suite's --quick must stay under 3 minutes)."""
 REPO = Path(__file__).resolve().parent.parent

@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hpstore.errors import InputError
+from hpstore.loading.options import LoaderOptions
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
 ModelName = Literal["mlp", "cnn", "linear"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
+
+TRAINER_LOADER = LoaderOptions(num_workers=2)
+"""The training loader's options: the library's (``hpstore.LoaderOptions``) except two read-ahead
+threads, so window building overlaps the training step. Chosen by ``benchmarks/loader.py``'s
+consumer rows (a training step holding the GIL, 28×28, batch 256): see the README's "Random access and
+loading" section for the figures. The flags below take their defaults from here."""
 
 AUTO_EVAL = "auto"
 """``--eval-split`` default: the ``test`` split when the store has one, else no evaluation."""
@@ -38,11 +45,11 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"
     amp: AmpName = "none"
-    workers: int = 2
-    cache_bytes: int = 256 << 20
-    prefetch_bytes: int = 64 << 20
-    cache_dir: str | None = None
-    cache_disk_bytes: int = 16 << 30
+    workers: int = TRAINER_LOADER.num_workers
+    cache_bytes: int = TRAINER_LOADER.cache_bytes
+    prefetch_bytes: int = TRAINER_LOADER.prefetch_bytes
+    cache_dir: str | None = TRAINER_LOADER.cache_dir
+    cache_disk_bytes: int = TRAINER_LOADER.cache_disk_bytes
     storage_options: dict[str, Any] = field(default_factory=dict)
     ckpt: str | None = None
     ckpt_every: int = 0
@@ -65,10 +72,7 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise InputError(f"--weight-decay must not be negative, got {self.weight_decay}")
-        if self.workers < 0:
-            raise InputError(f"--workers must not be negative, got {self.workers}")
-        if self.cache_bytes < 0 or self.prefetch_bytes < 1:
-            raise InputError("--cache-bytes must not be negative and --prefetch-bytes must be positive")
+        self.loader_options()  # validates the loader flags (hpstore.LoaderOptions does, in one place)
         if self.ckpt_every < 0:
             raise InputError(f"--ckpt-every must not be negative, got {self.ckpt_every}")
         if self.resume and not self.ckpt:
@@ -77,6 +81,28 @@ class TrainConfig:
             raise InputError("--ckpt-every needs --ckpt DIR_OR_URL")
         if self.step_delay < 0:
             raise InputError("--step-delay must not be negative")
+
+    def loader_options(self) -> LoaderOptions:
+        """The training loader's options from the flags (``TRAINER_LOADER`` with them applied)."""
+        flags = {
+            "num_workers": "--workers",
+            "cache_bytes": "--cache-bytes",
+            "prefetch_bytes": "--prefetch-bytes",
+        }
+        flags |= {"cache_disk_bytes": "--cache-disk-bytes"}
+        try:
+            return TRAINER_LOADER.replace(
+                seed=self.seed,
+                num_workers=self.workers,
+                cache_bytes=self.cache_bytes,
+                prefetch_bytes=self.prefetch_bytes,
+                cache_dir=self.cache_dir,
+                cache_disk_bytes=self.cache_disk_bytes,
+                fields=(self.input, self.target),
+            )
+        except InputError as exc:
+            name = str(exc).split(" ", 1)[0]
+            raise InputError(str(exc).replace(name, flags.get(name, name), 1)) from None
 
 
 def _positive(flag: str, value: int) -> None:

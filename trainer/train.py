@@ -87,18 +87,12 @@ def make_loader(ds: Dataset, cfg: TrainConfig, dist: Dist, *, train: bool, with_
     return Loader(
         ds,
         cfg.batch_size,
+        cfg.loader_options(),
         shuffle=train,
-        seed=cfg.seed,
-        fields=[cfg.input, cfg.target],
-        drop_last=False,
         rank=dist.rank,
         world_size=dist.world_size,
-        num_workers=cfg.workers,
-        prefetch_bytes=cfg.prefetch_bytes,
-        cache_bytes=cfg.cache_bytes,
         with_index=with_index,
         cache_dir=cfg.cache_dir if train else None,  # eval reads each sample once: nothing to keep
-        cache_disk_bytes=cfg.cache_disk_bytes,
     )
 
 
