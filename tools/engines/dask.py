@@ -144,11 +144,12 @@ def run(
     results: dict[str, list[PartResult]] = {plan.split: [] for plan in plans}
     distributed = _import_distributed()
     with _client(opts) as client:
-        sources = {s.name: client.scatter(s.source) for s in splits}
+        # Sources travel inside each task, not scattered: scattered data lives on one worker and
+        # dies with it, and a task whose input is gone is cancelled instead of rescheduled.
         futures = [
             client.submit(
                 write_partition,
-                sources[s.name],
+                s.source,
                 plan,
                 p,
                 storage_url,
