@@ -5,6 +5,7 @@ job; sources and destination on the loopback S3 server; bad sources refused with
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -44,7 +45,9 @@ def write_parquet_dir(root: Path, *, files: int = 3, seed: int = 0) -> Path:
         table = pa.table(
             {
                 "x": rng.integers(0, 1000, n).astype("int32"),
-                "v": pa.array(list(rng.normal(size=(n, 4)).astype("float32")), type=pa.list_(pa.float32(), 4)),
+                "v": pa.array(
+                    list(rng.normal(size=(n, 4)).astype("float32")), type=pa.list_(pa.float32(), 4)
+                ),
                 "s": pa.array([f"row-{k}-" + "z" * (k % 13) for k in range(n)]),
             }
         )
@@ -104,7 +107,7 @@ def test_plan_partitions_cover_every_shard_once() -> None:
     for per in (1, 2, 7, 100):
         parts = plan_partitions(plan, shards_per_partition=per)
         assert parts[0].start == 0 and parts[-1].stop == 1001
-        assert all(p.stop == q.start and q.start % plan.shard_rows == 0 for p, q in zip(parts, parts[1:]))
+        assert all(p.stop == q.start and q.start % plan.shard_rows == 0 for p, q in itertools.pairwise(parts))
         assert sum(p.num_shards for p in parts) == plan.num_shards == 34
 
 
@@ -115,7 +118,10 @@ def test_two_workers_equal_single_process(tmp_path: Path, cluster: Any) -> None:
     for source in (src, npy):
         local, dask = tmp_path / f"{source.name}-local", tmp_path / f"{source.name}-dask"
         assert run_ingest(str(source), str(local)) == 0
-        assert run_ingest(str(source), str(dask), "--engine", "dask", "--scheduler", cluster.scheduler_address) == 0
+        assert (
+            run_ingest(str(source), str(dask), "--engine", "dask", "--scheduler", cluster.scheduler_address)
+            == 0
+        )
         assert_same_store(local, dask)
         listed = {p.relative_to(dask).as_posix() for p in dask.rglob("*") if p.is_file()}
         gen = json.loads((dask / MANIFEST_KEY).read_text())["generation"]
@@ -155,7 +161,11 @@ def test_s3_source_and_destination(tmp_path: Path, s3_server: S3Server) -> None:
         c.put_object(Bucket=bucket, Key=f"src/{f.name}", Body=f.read_bytes())
     local = tmp_path / "local"
     assert run_ingest(str(src), str(local)) == 0
-    opts = [f"endpoint_url={s3_server.endpoint}", f"key={s3_server.storage_options()['key']}", f"secret={SECRET}"]
+    opts = [
+        f"endpoint_url={s3_server.endpoint}",
+        f"key={s3_server.storage_options()['key']}",
+        f"secret={SECRET}",
+    ]
     cmd = [sys.executable, "-m", "tools.ingest", f"s3://{bucket}/src/*.parquet", f"s3://{bucket}/dst"]
     cmd += ["--engine", "dask", "--workers", "2", *LAYOUT]
     for o in opts:
@@ -190,7 +200,9 @@ def test_bad_sources_refused(tmp_path: Path, s3_server: S3Server, case: str) -> 
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ingest: error: "), out.stderr
     assert SECRET not in out.stderr
-    assert {"missing-url": "no such file", "empty-glob": "matches no files", "mixed-schemas": "column"}[case] in lines[0]
+    assert {"missing-url": "no such file", "empty-glob": "matches no files", "mixed-schemas": "column"}[
+        case
+    ] in lines[0]
     assert not bucket_objects(s3_server, bucket)  # nothing written, nothing committed
 
 

@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="parallel encoders (--engine dask: worker processes of the local cluster)",
     )
     p.add_argument("--engine", choices=ENGINES, default="local", help="local: this process; dask: Dask tasks")
-    p.add_argument("--scheduler", metavar="ADDRESS", help="Dask scheduler to run on (default: a local cluster)")
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS", help="Dask scheduler to run on (default: a local cluster)"
+    )
     p.add_argument(
         "--source-option",
         action="append",
@@ -299,7 +301,9 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
 
 def _open_splits(cfg: IngestConfig) -> list[Split]:
     if cfg.src is not None and not cfg.fields and (is_url(cfg.src) or has_glob(cfg.src)):
-        return open_location_splits(cfg.src, fmt=cfg.format, split=cfg.split, options=dict(cfg.source_options))
+        return open_location_splits(
+            cfg.src, fmt=cfg.format, split=cfg.split, options=dict(cfg.source_options)
+        )
     return open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields)
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,8 +85,13 @@ def plan_split(source: Source, *, split: str, generation: str, layout: Layout) -
     """Fix a split's layout as ``StoreWriter`` would: geometry from the first batch the source
     yields, each fixed-shape field's codec from the split's first chunk."""
     num_rows = check_partitionable(source, split)
-    with closing(source.batches()) as it:
+    it = source.batches()
+    try:
         first = next(it, None)
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
     if first is None or num_rows == 0:
         raise InputError(f"split {split!r}: no samples")
     chunk_rows, chunks_per_shard = split_geometry(first, layout)
@@ -126,7 +130,9 @@ def describe_pieces(source: Source, start: int, stop: int) -> tuple[str, ...]:
         for f in source.files:
             n = f.num_rows or 0
             if base < stop and base + n > start:
-                out.append(f"{os.path.basename(f.path)}[{max(start, base) - base}:{min(stop, base + n) - base}]")
+                out.append(
+                    f"{os.path.basename(f.path)}[{max(start, base) - base}:{min(stop, base + n) - base}]"
+                )
             base += n
         return tuple(out)
     return (f"{os.path.basename(source.path)}[{start}:{stop}]",)

@@ -154,7 +154,9 @@ class _PartWriter:
             self.buffer[f.name] = [rest] if len(rest) else []
             if f.kind == "array":
                 assert f.codec is not None
-                self.chunks[f.name].append(self.pool.submit(zf.encode_chunk, chunk, self.plan.chunk_rows, f.codec))
+                self.chunks[f.name].append(
+                    self.pool.submit(zf.encode_chunk, chunk, self.plan.chunk_rows, f.codec)
+                )
             else:
                 batch = pa.record_batch([_to_arrow(chunk)], names=[f.name])
                 self.variable_nbytes[f.name] += batch.nbytes
@@ -240,7 +242,9 @@ def assemble_split(
     rows = 0
     for r in ordered:
         if r.split != plan.split or r.first_shard * plan.shard_rows != rows:
-            raise InputError(f"split {plan.split!r}: parts do not cover the split (gap or overlap at row {rows})")
+            raise InputError(
+                f"split {plan.split!r}: parts do not cover the split (gap or overlap at row {rows})"
+            )
         rows += r.rows
         objects.update({k: ObjectEntry(size=s, crc32c=c) for k, s, c in r.objects})
         for field, shard, key, batches in r.arrow_parts:
@@ -282,7 +286,9 @@ def assemble_split(
                 kind="variable",
                 path=path,
                 arrow_type=str(f.arrow_type),
-                arrow_schema=base64.b64encode(pa.schema([(f.name, f.arrow_type)]).serialize().to_pybytes()).decode(),
+                arrow_schema=base64.b64encode(
+                    pa.schema([(f.name, f.arrow_type)]).serialize().to_pybytes()
+                ).decode(),
                 codec={"name": plan.arrow_compression or "none"},
                 parts=tuple(parts[f.name][s] for s in sorted(parts[f.name])),
                 attrs=attrs,

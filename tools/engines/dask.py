@@ -59,9 +59,7 @@ def _import_distributed() -> Any:
     try:
         import distributed
     except ImportError:
-        raise InputError(
-            "--engine dask needs dask.distributed: pip install 'hpstore[dask]'"
-        ) from None
+        raise InputError("--engine dask needs dask.distributed: pip install 'hpstore[dask]'") from None
     return distributed
 
 
@@ -138,9 +136,14 @@ def run(
     progress: Progress,
 ) -> None:
     """Write every split's partitions on Dask and give the writer each split's entry (no commit)."""
-    plans = [plan_split(s.source, split=s.name, generation=writer.generation, layout=writer.layout) for s in splits]
-    work = [(s, plan, p) for s, plan in zip(splits, plans, strict=True) for p in plan_partitions(
-        plan, shards_per_partition=opts.shards_per_partition)]
+    plans = [
+        plan_split(s.source, split=s.name, generation=writer.generation, layout=writer.layout) for s in splits
+    ]
+    work = [
+        (s, plan, p)
+        for s, plan in zip(splits, plans, strict=True)
+        for p in plan_partitions(plan, shards_per_partition=opts.shards_per_partition)
+    ]
     results: dict[str, list[PartResult]] = {plan.split: [] for plan in plans}
     distributed = _import_distributed()
     with _client(opts) as client:

@@ -98,7 +98,9 @@ def expand(src: str, options: Mapping[str, Any]) -> tuple[RemoteOpener | None, l
     except InputError:
         raise
     except (OSError, ValueError) as exc:  # unreachable endpoint, bad bucket name, denied
-        raise InputError(f"{src}: cannot list: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise InputError(
+            f"{src}: cannot list: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     urls = [opener.url(p) if protocol not in ("http", "https") else p for p in sorted(found)]
     return opener, urls
 
@@ -122,7 +124,9 @@ def open_location_splits(
         return [Split(name=name, source=tabular.TableSource(src, files, kind, opener), format=kind)]
     if kind == "npy":
         return [Split(name=name, source=ArraySource(src, [_npy(f, opener) for f in files]), format="npy")]
-    raise InputError(f"{src}: {kind} sources are read from local paths only (fsspec URLs: parquet, arrow, csv, jsonl, npy)")
+    raise InputError(
+        f"{src}: {kind} sources are read from local paths only (fsspec URLs: parquet, arrow, csv, jsonl, npy)"
+    )
 
 
 def _npy(path: str, opener: RemoteOpener | None) -> ArrayStream:
