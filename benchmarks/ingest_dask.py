@@ -71,7 +71,7 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
     import distributed
 
     pq_src = parquet_source(cfg.data_dir / "ingest" / "parquet-dask", 24 if cfg.quick else 128)
-    sources = {
+    sources: dict[str, tuple[Path, dict[str, Any]]] = {
         "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1}),
         "bandwidth-bound: npy -> raw": (npy, {"codec": "none"}),
     }
@@ -88,9 +88,14 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
             startup = time.perf_counter() - t0
             for name, (src, layout) in sources.items():
                 progress(f"ingest: dask x{workers}, {name}")
-                dask_opts = {"engine": "dask", "scheduler": cluster.scheduler_address, **layout}
+                dask_opts: dict[str, Any] = {
+                    "engine": "dask",
+                    "scheduler": cluster.scheduler_address,
+                    **layout,
+                }
                 _ingest_seconds(src, dst, **dask_opts)  # warm-up: imports on the workers
-                single, dask = [], []
+                single: list[float] = []
+                dask: list[float] = []
                 for i in range(cfg.repeats):  # alternating order, so drift hits both alike
                     order = [("d", dask_opts), ("s", layout)] if i % 2 else [("s", layout), ("d", dask_opts)]
                     for which, opts in order:
