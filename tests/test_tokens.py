@@ -88,7 +88,9 @@ def test_jsonl_parquet_and_glob_give_the_same_bpe_tokens(tmp_path: Path) -> None
     tok = train_bpe(tmp_path / "tokenizer.json")
     a, b = tmp_path / "from-jsonl", tmp_path / "from-parquet"
     assert ingest(jsonl, a, "--tokenizer", tok, "--text-field", "body", "--holdout", "0.1") == 0
-    assert ingest(tmp_path / "*.parquet", b, "--tokenizer", tok, "--text-field", "body", "--holdout", "0.1") == 0
+    assert (
+        ingest(tmp_path / "*.parquet", b, "--tokenizer", tok, "--text-field", "body", "--holdout", "0.1") == 0
+    )
     sa, sb = hpstore.open(str(a)), hpstore.open(str(b))
     hf = HFTokenizer(str(tok))
     for split in ("train", "val"):
@@ -146,7 +148,9 @@ def test_resume_yields_exactly_the_rest(byte_store: Path) -> None:
     full = hpstore.Loader(view, 8, seed=1, world_size=2, rank=1, with_index=True, shuffle_window=2)
     full.set_epoch(1)
     want = [b["index"].tolist() for b in full]
-    part = hpstore.Loader(view, 8, seed=1, world_size=2, rank=1, with_index=True, num_workers=2, shuffle_window=2)
+    part = hpstore.Loader(
+        view, 8, seed=1, world_size=2, rank=1, with_index=True, num_workers=2, shuffle_window=2
+    )
     part.set_epoch(1)
     it = iter(part)
     head = [next(it)["index"].tolist() for _ in range(7)]
@@ -216,13 +220,18 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, byte_s
         (["empty.jsonl", "--tokenizer", "byte"], "document 1 is empty"),
         (["other.jsonl", "--tokenizer", "byte"], "no text column 'text'"),
         (["other.parquet", "--tokenizer", "byte"], "no text column 'text'"),
-        (["other.jsonl", "--tokenizer", str(big), "--text-field", "body", "--token-dtype", "uint16"], "more than uint16"),
+        (
+            ["other.jsonl", "--tokenizer", str(big), "--text-field", "body", "--token-dtype", "uint16"],
+            "more than uint16",
+        ),
         (["other.jsonl", "--tokenizer", "nope.json", "--text-field", "body"], "no such tokenizer file"),
         (["missing/*.txt", "--tokenizer", "byte"], "matches no file"),
     ]
     for args, message in cases:
         dst = tmp_path / "dst"
-        proc = run_ingest([str(tmp_path / args[0]) if not args[0].startswith("missing") else args[0], str(dst), *args[1:]])
+        proc = run_ingest(
+            [str(tmp_path / args[0]) if not args[0].startswith("missing") else args[0], str(dst), *args[1:]]
+        )
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], (args, proc.stderr)
@@ -233,10 +242,21 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(tmp_path: Path, byte_s
     assert proc.returncode == 2
     assert {p: p.stat().st_mtime_ns for p in byte_store.rglob("*")} == before
     # --skip-empty drops (and counts) the empty document instead.
-    proc = run_ingest([str(tmp_path / "empty.jsonl"), str(tmp_path / "ok"), "--tokenizer", "byte", "--skip-empty"])
+    proc = run_ingest(
+        [str(tmp_path / "empty.jsonl"), str(tmp_path / "ok"), "--tokenizer", "byte", "--skip-empty"]
+    )
     assert proc.returncode == 0 and "1 empty skipped" in proc.stdout
     # uint32 holds the big vocabulary.
-    proc = run_ingest([str(tmp_path / "other.jsonl"), str(tmp_path / "big"), "--tokenizer", str(big), "--text-field", "body"])
+    proc = run_ingest(
+        [
+            str(tmp_path / "other.jsonl"),
+            str(tmp_path / "big"),
+            "--tokenizer",
+            str(big),
+            "--text-field",
+            "body",
+        ]
+    )
     assert proc.returncode == 0, proc.stderr
     assert hpstore.open(str(tmp_path / "big")).split("train").fields["tokens"].dtype == "uint32"
 
@@ -249,7 +269,9 @@ def test_windows_stream_from_s3_by_byte_ranges(s3_server: S3Server, byte_store: 
         env=client_env(s3_server.endpoint),
     )
     assert proc.returncode == 0, proc.stderr
-    remote = hpstore.open(url, storage_options=s3_server.storage_options()).split("train").windows("tokens", 128)
+    remote = (
+        hpstore.open(url, storage_options=s3_server.storage_options()).split("train").windows("tokens", 128)
+    )
     local = hpstore.open(str(byte_store)).split("train").windows("tokens", 128)
     got = {}
     loader = hpstore.Loader(remote, 16, seed=2, num_workers=2, with_index=True, cache_bytes=0)

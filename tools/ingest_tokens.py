@@ -253,9 +253,7 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
     with StoreWriter(
         storage, layout=cfg.layout_config().layout(), overwrite=cfg.overwrite, source=record
     ) as writer:
-        outs = {
-            n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}) for n in names
-        }
+        outs = {n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}) for n in names}
         workers = max(1, cfg.workers)
         pending: deque[Future[Encoded]] = deque()
 

@@ -69,9 +69,13 @@ def _string_buffers(docs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(f"expected strings, got {docs.type}")
     n = len(docs)
     bufs = docs.buffers()
-    offsets = np.frombuffer(bufs[1], dtype=off_dtype, count=n + 1, offset=docs.offset * np.dtype(off_dtype).itemsize)
+    offsets = np.frombuffer(
+        bufs[1], dtype=off_dtype, count=n + 1, offset=docs.offset * np.dtype(off_dtype).itemsize
+    )
     start, stop = int(offsets[0]), int(offsets[-1])
-    data = np.frombuffer(bufs[2], dtype=np.uint8)[start:stop] if bufs[2] is not None else np.zeros(0, np.uint8)
+    data = (
+        np.frombuffer(bufs[2], dtype=np.uint8)[start:stop] if bufs[2] is not None else np.zeros(0, np.uint8)
+    )
     return offsets.astype(np.int64) - start, data
 
 

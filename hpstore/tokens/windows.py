@@ -263,7 +263,12 @@ class TokenWindows:
             )
         docs = self.store.split(str(name))
         offsets = docs.read(np.arange(len(docs)), [OFFSETS_FIELD])[OFFSETS_FIELD].astype(np.int64)
-        if not len(offsets) or offsets[0] != 0 or offsets[-1] != self.num_tokens or np.any(np.diff(offsets) <= 0):
+        if (
+            not len(offsets)
+            or offsets[0] != 0
+            or offsets[-1] != self.num_tokens
+            or np.any(np.diff(offsets) <= 0)
+        ):
             raise InputError(
                 f"split {name!r}: document offsets do not describe the {self.num_tokens} tokens of {self.name!r}"
             )

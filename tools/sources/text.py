@@ -180,7 +180,11 @@ class TextSource:
         if pc.any(empty).as_py():
             if not self.skip_empty:
                 k = int(pc.index(empty, True).as_py())
-                what = "the file is empty" if kind_of(path) == "text" else f"document {first_row + k} is empty or null"
+                what = (
+                    "the file is empty"
+                    if kind_of(path) == "text"
+                    else f"document {first_row + k} is empty or null"
+                )
                 raise InputError(f"{path}: {what} (--skip-empty drops empty documents)")
             self.skipped += int(pc.sum(empty).as_py())
             arr = arr.filter(pc.invert(empty))
