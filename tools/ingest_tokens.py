@@ -59,6 +59,8 @@ from tools.sources.text import open_text
 
 TOKENS_FIELD = "tokens"
 DOCS_SUFFIX = ".docs"
+APPEND_TOKENS = 1 << 18
+"""Tokens per append before the split writer has chosen its chunk size."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,7 +180,11 @@ class _SplitTokens:
         np.cumsum(lengths[:-1], out=starts[1:])
         starts[1:] += self.total
         self.docs.append({OFFSETS_FIELD: starts})
-        self.tokens.append({TOKENS_FIELD: ids})
+        # In pieces of at most a chunk: the split writer re-joins its whole buffer for every chunk it
+        # emits, so one 8 MB batch appended at once cost a quadratic amount of copying.
+        step = max(1, self.tokens.chunk_rows or APPEND_TOKENS)
+        for i in range(0, ids.size, step):
+            self.tokens.append({TOKENS_FIELD: ids[i : i + step]})
         self.total += int(ids.size)
         self.documents += len(lengths)
 
