@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m tools.ingest",
         description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
-        "into an hpstore store.",
+        "into an hpstore store. With --tokenizer byte|FILE.json: tokenize text into a token store "
+        "(see tools.ingest_tokens).",
     )
     p.add_argument("paths", nargs="+", metavar="SRC DST", help="source path and destination (path or URL)")
     p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
@@ -354,6 +355,11 @@ def bound_malloc(threshold: int = 256 << 10) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in args):
+        from tools.ingest_tokens import main as ingest_tokens  # text -> a token store
+
+        return ingest_tokens(args)
     bound_malloc()
     try:
         cfg = parse_args(argv)
