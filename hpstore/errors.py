@@ -36,6 +36,14 @@ class StoreExistsError(HpstoreError, FileExistsError):
     """A destination already holds a committed store and overwriting was not asked for."""
 
 
+class StoreLockedError(HpstoreError, FileExistsError):
+    """Another writer holds the destination's writer lock (``hpstore.format.commit.WriterLock``)."""
+
+
+class ForeignDataError(HpstoreError, FileExistsError):
+    """The destination holds data that is not provably this store's; hpstore never replaces it."""
+
+
 class InputError(HpstoreError, ValueError):
     """Bad user input: a source file, a flag, a field or a shape that cannot be used."""
 

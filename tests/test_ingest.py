@@ -297,13 +297,16 @@ def test_failed_overwrite_keeps_the_previous_store(
 
 
 def test_non_store_directory_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A directory holding only a ``data-``-named folder of someone else's is not a store: the
+    name alone proves nothing (a generation of ours is ``data-<UTC stamp>-<8 hex>``)."""
     np.save(tmp_path / "x.npy", np.arange(10))
-    (tmp_path / "precious").mkdir()
-    (tmp_path / "precious" / "data-2024").mkdir()
-    (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    code, _, err = ingest(capsys, str(tmp_path / "x.npy"), str(tmp_path / "precious"), "--overwrite")
-    assert code == 2 and "not a store" in err
-    assert sorted(os.listdir(tmp_path / "precious")) == ["data-2024", "notes.txt"]
+    (tmp_path / "precious" / "data-2024").mkdir(parents=True)
+    (tmp_path / "precious" / "data-2024" / "keep.bin").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = ingest(capsys, str(tmp_path / "x.npy"), str(tmp_path / "precious"), *extra)
+        assert code == 2 and "not a store" in err and "data-2024/" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path / "precious")) == ["data-2024"]
+    assert (tmp_path / "precious" / "data-2024" / "keep.bin").read_text() == "keep me"
 
 
 # -- bad input -------------------------------------------------------------------------------------

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from hpstore.errors import HpstoreError, InputError, StorageError
 from hpstore.format import zarr_shard as zf
-from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.commit import LOCK_KEY
+from hpstore.format.manifest import Manifest
 from hpstore.format.writer import Layout, StoreWriter
 from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
 from hpstore.storage.open import is_local, open_storage
@@ -55,6 +56,7 @@ class IngestConfig:
     split: str | None = None
     fields: tuple[tuple[str, str], ...] = ()
     overwrite: bool = False
+    break_lock: bool = False
     chunk_bytes: int = DEFAULT_LAYOUT.chunk_bytes
     shard_bytes: int = DEFAULT_LAYOUT.shard_bytes
     codec: str = str(DEFAULT_LAYOUT.codec["name"])
@@ -127,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a field from a file",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help=f"remove the writer lock ({LOCK_KEY}) that a killed ingest left in DST; only when no other "
+        "ingest into DST is running",
+    )
     p.add_argument("--chunk-bytes", type=parse_size, default=DEFAULT_LAYOUT.chunk_bytes)
     p.add_argument("--shard-bytes", type=parse_size, default=DEFAULT_LAYOUT.shard_bytes)
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_LAYOUT.codec["name"])
@@ -157,6 +165,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         split=a.split,
         fields=tuple(a.field),
         overwrite=a.overwrite,
+        break_lock=a.break_lock,
         chunk_bytes=a.chunk_bytes,
         shard_bytes=a.shard_bytes,
         codec=a.codec,
@@ -215,24 +224,14 @@ class IngestResult:
 
 
 def _check_destination(dst: str) -> None:
-    """A local DST must be new, empty, or a store (with leftovers of killed ingests): committing
-    deletes other ``data-*`` generations, so a directory of unrelated files is refused."""
+    """A local DST that exists must be a directory. What it may hold (nothing, leftovers of our
+    killed ingests, or a store of ours) is checked by the writer, locally and remotely alike
+    (``hpstore.format.commit.check_destination``)."""
     if not is_local(dst):
         return
     path = dst.removeprefix("file://")
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{dst}: exists and is not a directory")
-    if not os.path.isdir(path):
-        return
-    names = os.listdir(path)
-    if MANIFEST_KEY in names:
-        return
-    foreign = sorted(n for n in names if not n.startswith(("data-", f"{MANIFEST_KEY}.tmp")))
-    if foreign:
-        raise InputError(
-            f"{dst}: is a non-empty directory that is not a store (holds {', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory"
-        )
 
 
 def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
@@ -246,7 +245,12 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
     progress = _Progress(total, cfg.progress, stream)
     try:
         with StoreWriter(
-            storage, layout=cfg.layout(), overwrite=cfg.overwrite, source=cfg.source_record(splits)
+            storage,
+            layout=cfg.layout(),
+            overwrite=cfg.overwrite,
+            source=cfg.source_record(splits),
+            break_lock=cfg.break_lock,
+            tool="tools.ingest",
         ) as writer:
             for split in splits:
                 progress.bar.set_description(split.name)

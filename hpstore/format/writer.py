@@ -17,7 +17,6 @@ import base64
 import datetime as _dt
 import math
 import threading
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,10 +26,15 @@ import numpy as np
 import pyarrow as pa
 
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import InputError, StoreExistsError
+from hpstore.errors import InputError
 from hpstore.format import zarr_shard as zf
+from hpstore.format.commit import (
+    STORE_GENERATIONS,
+    WriterLock,
+    check_destination,
+    collect_garbage,
+)
 from hpstore.format.manifest import (
-    MANIFEST_KEY,
     ArrowPart,
     Codec,
     FieldSpec,
@@ -38,6 +42,8 @@ from hpstore.format.manifest import (
     ObjectEntry,
     SplitSpec,
     commit_manifest,
+    parse_manifest,
+    read_manifest,
 )
 from hpstore.storage.base import Storage
 
@@ -318,6 +324,12 @@ class StoreWriter:
 
     Use as a context manager: leaving the block with an exception abandons the generation (its
     objects are removed, best effort) and never touches the committed manifest.
+
+    The commit protocol is ``hpstore.format.commit``'s: the destination must be new, empty, or a
+    store of ours (``overwrite`` to replace it; a foreign ``manifest.json`` is never replaced), the
+    writer holds the store's writer lock from here to ``close`` (a second writer fails at once;
+    ``break_lock`` removes the lock a killed writer left), and after the commit only generations
+    of our exact naming that the committed manifest does not name are deleted.
     """
 
     def __init__(
@@ -327,15 +339,21 @@ class StoreWriter:
         layout: Layout | None = None,
         overwrite: bool = False,
         source: dict[str, Any] | None = None,
+        break_lock: bool = False,
+        tool: str = "hpstore.StoreWriter",
     ) -> None:
         self.storage = storage
         self.layout = layout or Layout()
-        if not overwrite and storage.exists(MANIFEST_KEY):
-            raise StoreExistsError(
-                f"{storage.url}: a store already exists here (use --overwrite to replace it)"
-            )
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-        self.generation = f"data-{stamp}-{uuid.uuid4().hex[:8]}"
+        # Checked before the lock too, so that nothing (not even a lock) is written into a
+        # destination that is not ours; checked again under the lock, where it is decisive.
+        check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        self.lock = WriterLock.acquire(storage, tool=tool, break_lock=break_lock)
+        try:
+            check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.generation = STORE_GENERATIONS.new()
         self.source = dict(source or {})
         self.encode_pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="hpstore-encode")
         self.write_pool = ThreadPoolExecutor(self.layout.writers, thread_name_prefix="hpstore-write")
@@ -401,21 +419,19 @@ class StoreWriter:
         )
         commit_manifest(self.storage, manifest)
         self._committed = True
-        self._collect_garbage()
+        # Earlier stores and killed writes: re-read what is committed now, and keep it whatever it is.
+        committed = read_manifest(self.storage).generation
+        collect_garbage(self.storage, STORE_GENERATIONS, keep={self.generation, committed})
         return manifest
 
-    def _collect_garbage(self) -> None:
-        """Delete generations other than the committed one (earlier stores, killed ingests)."""
-        tops = {k.split("/", 1)[0] for k in self.storage.list() if "/" in k}
-        for top in tops:
-            if top.startswith("data-") and top != self.generation:
-                self.storage.delete_prefix(top)
-
     def close(self, *, abandon: bool) -> None:
-        self.encode_pool.shutdown(wait=True, cancel_futures=True)
-        self.write_pool.shutdown(wait=True, cancel_futures=True)
-        if abandon and not self._committed:
-            try:
-                self.storage.delete_prefix(self.generation)
-            except Exception:  # best effort: an uncommitted generation is invisible anyway
-                pass
+        try:
+            self.encode_pool.shutdown(wait=True, cancel_futures=True)
+            self.write_pool.shutdown(wait=True, cancel_futures=True)
+            if abandon and not self._committed:
+                try:
+                    self.storage.delete_prefix(self.generation)
+                except Exception:  # best effort: an uncommitted generation is invisible anyway
+                    pass
+        finally:
+            self.lock.release()

@@ -47,6 +47,9 @@ class ForwardingStorage(Storage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(key, data, durable=durable)
 
+    def create(self, key: str, data: bytes) -> bool:
+        return self.inner.create(key, data)
+
     def sync(self) -> None:
         self.inner.sync()
 
@@ -135,6 +138,11 @@ class RetryingStorage(Storage):
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._call("write", key, lambda: self.inner.write(key, data, durable=durable))
+
+    def create(self, key: str, data: bytes) -> bool:
+        # A retried create whose first attempt landed answers False: the caller reads the object
+        # back to see that it is its own (see ``Storage.create``).
+        return self._call("create", key, lambda: self.inner.create(key, data))
 
     def sync(self) -> None:
         self.inner.sync()
