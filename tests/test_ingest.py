@@ -112,6 +112,18 @@ def test_npy_npz_and_directories_of_npy(capsys: pytest.CaptureFixture[str], tmp_
     np.testing.assert_array_equal(data["y"], y)
 
 
+def test_strings_with_nul_bytes_keep_numpys_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """NumPy strips only trailing NULs of fixed-width strings; interior NULs are data."""
+    raw = np.array([b"a\x00b" * (i % 3) + b"\x00" * (i % 2) for i in range(200)])
+    text = np.array(["\x00x\x00é" * (i % 4) for i in range(200)])
+    np.save(tmp_path / "s.npy", raw)
+    np.savez(tmp_path / "st.npz", raw=raw, text=text)
+    assert ok(capsys, str(tmp_path / "s.npy"), str(tmp_path / "s1"))["train"]["s"] == raw.tolist()
+    data = ok(capsys, str(tmp_path / "st.npz"), str(tmp_path / "s2"))["train"]
+    assert data["raw"] == raw.tolist() and data["text"] == text.tolist()
+    assert data["raw"][1] == b"a\x00b"  # not b"a"
+
+
 def test_fields_from_separate_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     images, labels = mnist_like(401, 3)
     np.save(tmp_path / "images.npy", images)
