@@ -48,6 +48,15 @@ class InputError(HpstoreError, ValueError):
     """Bad user input: a source file, a flag, a field or a shape that cannot be used."""
 
 
+class InvalidIndexError(InputError, IndexError):
+    """An index that selects no rows of a split: out of range, a mask of the wrong length, 2-D."""
+
+
+class IndexTypeError(InputError, IndexError, TypeError):
+    """A key whose type cannot select rows (a float, a string, None, a tuple). Also an
+    ``IndexError``, which is what NumPy raises for such keys."""
+
+
 class StorageError(HpstoreError, OSError):
     """An I/O failure from the storage backend that retries did not cure (or that is permanent)."""
 

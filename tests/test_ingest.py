@@ -112,7 +112,9 @@ def test_npy_npz_and_directories_of_npy(capsys: pytest.CaptureFixture[str], tmp_
     np.testing.assert_array_equal(data["y"], y)
 
 
-def test_strings_with_nul_bytes_keep_numpys_values(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_strings_with_nul_bytes_keep_numpys_values(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """NumPy strips only trailing NULs of fixed-width strings; interior NULs are data."""
     raw = np.array([b"a\x00b" * (i % 3) + b"\x00" * (i % 2) for i in range(200)])
     text = np.array(["\x00x\x00é" * (i % 4) for i in range(200)])
