@@ -117,7 +117,8 @@ def commit_manifest(storage: Storage, data: bytes, *, key: str = MANIFEST_KEY) -
 
 def top_level(storage: Storage) -> tuple[set[str], set[str]]:
     """The root's top-level names: (prefixes that hold objects, plain objects)."""
-    prefixes, plain = set(), set()
+    prefixes: set[str] = set()
+    plain: set[str] = set()
     for key in storage.list():
         head, sep, _ = key.partition("/")
         (prefixes if sep else plain).add(head)
