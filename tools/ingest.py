@@ -114,11 +114,22 @@ class IngestConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m tools.ingest",
+        usage="python -m tools.ingest [options] SRC DST\n"
+        "       python -m tools.ingest [options] DST --field NAME=PATH [--field NAME=PATH ...]",
         description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
-        "into an hpstore store.",
+        "into an hpstore store. Exit status: 0 done, 2 bad input or options, 1 an I/O failure.",
     )
-    p.add_argument("paths", nargs="+", metavar="SRC DST", help="source path and destination (path or URL)")
-    p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SRC DST",
+        help="source file or directory, then the destination (a path or an fsspec URL such as "
+        "s3://bucket/prefix); with --field, SRC may be left out, or names the directory the field "
+        "paths are relative to",
+    )
+    p.add_argument(
+        "--format", choices=FORMATS, help="source format (default: detected from the name or bytes)"
+    )
     p.add_argument("--split", help="split name for a single source (default: train)")
     p.add_argument(
         "--field",
@@ -126,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_pair,
         default=[],
         metavar="NAME=PATH",
-        help="a field from a file",
+        help="a field from its own file (repeatable; the files must have equal row counts)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
     p.add_argument(
@@ -135,21 +146,53 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"remove the writer lock ({LOCK_KEY}) that a killed ingest left in DST; only when no other "
         "ingest into DST is running",
     )
-    p.add_argument("--chunk-bytes", type=parse_size, default=DEFAULT_LAYOUT.chunk_bytes)
-    p.add_argument("--shard-bytes", type=parse_size, default=DEFAULT_LAYOUT.shard_bytes)
-    p.add_argument("--codec", choices=CODECS, default=DEFAULT_LAYOUT.codec["name"])
-    p.add_argument("--level", type=int, help="codec level (zstd -7..22, lz4 0..9)")
-    p.add_argument("--workers", type=int, default=DEFAULT_LAYOUT.workers, help="parallel encoders")
+    p.add_argument(
+        "--chunk-bytes",
+        type=parse_size,
+        default=DEFAULT_LAYOUT.chunk_bytes,
+        metavar="SIZE",
+        help=f"target bytes per chunk, the unit of reads (default: {_size(DEFAULT_LAYOUT.chunk_bytes)})",
+    )
+    p.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=DEFAULT_LAYOUT.shard_bytes,
+        metavar="SIZE",
+        help=f"target bytes per shard object (default: {_size(DEFAULT_LAYOUT.shard_bytes)})",
+    )
+    p.add_argument(
+        "--codec",
+        choices=CODECS,
+        default=DEFAULT_LAYOUT.codec["name"],
+        help=f"chunk compression (default: {DEFAULT_LAYOUT.codec['name']})",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        help=f"codec level: zstd -7..22, lz4 0..9 (default: {DEFAULT_LAYOUT.codec.get('level')} for zstd)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_LAYOUT.workers,
+        help=f"parallel encoders (default: {DEFAULT_LAYOUT.workers})",
+    )
     p.add_argument(
         "--storage-option",
         action="append",
         type=parse_storage_option,
         default=[],
         metavar="K=V",
-        help="fsspec option for DST",
+        help="fsspec option for DST, e.g. endpoint_url=http://host:9000 (repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)"
+    )
     return p
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20}MiB" if n % (1 << 20) == 0 else f"{n >> 10}KiB"
 
 
 def parse_args(argv: Sequence[str] | None) -> IngestConfig:
@@ -254,11 +297,19 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
         ) as writer:
             for split in splits:
                 progress.bar.set_description(split.name)
-                sw = writer.split(split.name, attrs=split.source.attrs)
+                sw = writer.split(split.name, attrs=split.source.attrs, num_rows=split.source.num_rows)
+                rows = 0
                 with closing(prefetched(split.source.batches())) as batches:
                     for batch in batches:
                         sw.append(batch)
-                        progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
+                        n = len(next(iter(batch.values())))
+                        rows += n
+                        progress.update(n, batch_nbytes(batch))
+                if rows == 0:
+                    raise InputError(
+                        f"{split.source.path}: no rows (a header or schema alone?); split {split.name!r} "
+                        "would be empty"
+                    )
                 writer.add_split(sw)
             manifest = writer.commit()
     finally:

@@ -239,10 +239,15 @@ class SplitWriter:
     """Accepts batches of rows (dict field -> column) for one split; every batch has every field."""
 
     def __init__(
-        self, writer: StoreWriter, name: str, attrs: Mapping[str, dict[str, Any]] | None = None
+        self,
+        writer: StoreWriter,
+        name: str,
+        attrs: Mapping[str, dict[str, Any]] | None = None,
+        num_rows: int | None = None,
     ) -> None:
         self.writer = writer
         self.name = name
+        self.expected_rows = num_rows
         self.prefix = f"{writer.generation}/{name}"
         self.codec = writer.layout.codec
         self.arrow_compression = (
@@ -265,6 +270,12 @@ class SplitWriter:
         layout = self.writer.layout
         self.chunk_rows = max(1, int(layout.chunk_bytes // row_bytes))
         self.chunks_per_shard = max(1, layout.shard_bytes // max(1, int(self.chunk_rows * row_bytes)))
+        if self.expected_rows:
+            # A shard's index has a slot per chunk it could hold (16 bytes each): a split smaller
+            # than one shard gets an index for the chunks it has, not for 64 MiB of them.
+            self.chunks_per_shard = min(
+                self.chunks_per_shard, math.ceil(self.expected_rows / self.chunk_rows)
+            )
         for name, col in batch.items():
             self.fields[name] = _FieldWriter(self, name, col)
             self.buffer[name] = []
@@ -394,10 +405,14 @@ class StoreWriter:
 
         return self.write_pool.submit(run)
 
-    def split(self, name: str, attrs: Mapping[str, dict[str, Any]] | None = None) -> SplitWriter:
+    def split(
+        self, name: str, attrs: Mapping[str, dict[str, Any]] | None = None, *, num_rows: int | None = None
+    ) -> SplitWriter:
+        """A writer for split ``name``. ``num_rows``, when the source knows it, caps the chunks per
+        shard at the split's chunk count (a hint: more rows than that only make more shards)."""
         if name in self.splits:
             raise InputError(f"split {name!r} given twice")
-        return SplitWriter(self, name, attrs)
+        return SplitWriter(self, name, attrs, num_rows)
 
     def add_split(self, sw: SplitWriter) -> SplitSpec:
         spec, objects = sw.finish()

@@ -283,8 +283,14 @@ class Loader:
 
     @property
     def stats(self) -> dict[str, float]:
-        """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ..."""
+        """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ...
+        ``index_*``: shard-index reads of the dataset's chunk reader (once per shard, shared by
+        every loader of that ``Dataset``), apart from the chunk reads in ``bytes_read``."""
         out = self._io.as_dict()
+        out.update(
+            index_read_requests=self.fetcher.reader.index_requests,
+            index_bytes_read=self.fetcher.reader.index_bytes,
+        )
         c = self.cache.stats
         out.update(
             chunk_hits=c.hits,
