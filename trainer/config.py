@@ -8,6 +8,7 @@ could have rejected up front.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -73,6 +74,13 @@ class TrainConfig:
         _positive("--keep", self.keep)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
+        for flag, value in (
+            ("--lr", self.lr),
+            ("--weight-decay", self.weight_decay),
+            ("--step-delay", self.step_delay),
+        ):
+            if not math.isfinite(value):
+                raise InputError(f"{flag} must be a finite number, got {value}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:

@@ -138,10 +138,23 @@ class LoaderStats(Counters):
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)``: the arguments, else torch.distributed's when it is initialised."""
+    """``(rank, world_size)``: the arguments, else torch.distributed's when it is initialised.
+
+    Explicit values must agree with an initialised process group: a world size that does not would
+    give every rank a share of the wrong size, silently skipping or repeating data."""
     import torch.distributed as dist
 
     live = dist.is_available() and dist.is_initialized()
+    if live:
+        for name, given, actual in (
+            ("world_size", world_size, dist.get_world_size()),
+            ("rank", rank, dist.get_rank()),
+        ):
+            if given is not None and given != actual:
+                raise InputError(
+                    f"{name}={given} disagrees with the initialised torch.distributed process group "
+                    f"({name} {actual}); leave it out to take the group's"
+                )
     if world_size is None:
         world_size = dist.get_world_size() if live else 1
     if rank is None:
@@ -301,8 +314,14 @@ class Loader:
 
     @property
     def stats(self) -> dict[str, float]:
-        """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ..."""
+        """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ...
+        ``index_*``: shard-index reads of the dataset's chunk reader (once per shard, shared by
+        every loader of that ``Dataset``), apart from the chunk reads in ``bytes_read``."""
         out = self._io.as_dict()
+        out.update(
+            index_read_requests=self.fetcher.reader.index_requests,
+            index_bytes_read=self.fetcher.reader.index_bytes,
+        )
         c = self.cache.stats
         out.update(
             chunk_hits=c.hits,
