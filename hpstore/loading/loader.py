@@ -48,6 +48,9 @@ Semantics worth knowing:
 - ``cache_dir`` adds a local-disk tier below the RAM cache for remote stores: raw chunk bytes, at
   most ``cache_disk_bytes``, verified before use, kept across restarts, shareable by processes, and
   evicted by the same plan (``hpstore.loading.disk_cache``).
+- ``transforms={"image": hpstore.images.RandomResizedCrop(224)}`` runs a per-field transform on
+  each window's rows in the window builders (decode, crop, flip into the batch buffer); the field
+  then arrives as a fixed-shape tensor. See ``hpstore/images/README.md``.
 - Errors from background work (a corrupt chunk names its object; a vanished object) re-raise in the
   consumer at the batch that needed it; the position stays at the last batch delivered.
 """
@@ -57,7 +60,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
@@ -160,6 +163,7 @@ class Loader:
         io_threads: int = DEFAULT_IO_THREADS,
         cache_dir: str | None = None,
         cache_disk_bytes: int = DEFAULT_CACHE_DISK_BYTES,
+        transforms: Mapping[str, batching.FieldTransform] | None = None,
     ) -> None:
         for name, value in (
             ("num_workers", num_workers),
@@ -184,7 +188,14 @@ class Loader:
             window_chunks=shuffle_window,
         )
         self.fields = {name: ds.spec.fields[name] for name in ds.field_names(fields)}
-        self.padded_fields = frozenset(n for n, f in self.fields.items() if batching.is_padded(f))
+        # Per-field transforms (e.g. hpstore.images.RandomResizedCrop), run by the window builders.
+        self.transforms = dict(transforms or {})
+        unknown = sorted(set(self.transforms) - set(self.fields))
+        if unknown:
+            raise InputError(f"transforms name fields that are not loaded: {', '.join(unknown)}")
+        self.padded_fields = frozenset(
+            n for n, f in self.fields.items() if batching.is_padded(f) and n not in self.transforms
+        )
         self._check_keys(with_index)
         self.num_workers = num_workers
         self.prefetch_bytes = prefetch_bytes
@@ -197,6 +208,7 @@ class Loader:
         # Enough recycled buffers per kind for every window in flight plus the one being consumed.
         self.buffers = BufferPool(pin=self.pin_memory, limit=num_workers + 3)
         self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
+        self._row_bytes += sum(getattr(t, "row_bytes", 0) for t in self.transforms.values())
         self._io = LoaderStats()
         # Optional local-disk tier under the RAM cache (``hpstore.loading.disk_cache``): raw chunk bytes,
         # evicted with the same plan, which it follows through the RAM cache's policy.
@@ -286,6 +298,10 @@ class Loader:
         )
         if self.disk_cache is not None:
             out.update({f"disk_{k}": v for k, v in self.disk_cache.stats.as_dict().items()})
+        for name, t in self.transforms.items():
+            counters = getattr(t, "stats", None)
+            if counters is not None:
+                out.update({f"{name}_{k}": v for k, v in counters.as_dict().items()})
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -426,6 +442,9 @@ class _Builder:
             padded_fields=loader.padded_fields,
             with_index=loader.with_index,
             pin=loader.pin_memory,
+            transforms=loader.transforms,
+            seed=loader.spec.seed,
+            epoch=self.plan.epoch,
         )
         loader._io.add(gather_seconds=time.perf_counter() - t0, windows=1)
         return rows
