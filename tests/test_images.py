@@ -32,7 +32,9 @@ def write(path: Path, cols: dict[str, Any]) -> hpstore.Dataset:
     return hpstore.open(str(path)).split("train")
 
 
-def run(t: Any, values: Any, indices: np.ndarray, *, seed: int = 0, epoch: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def run(
+    t: Any, values: Any, indices: np.ndarray, *, seed: int = 0, epoch: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     shape, dtype = t.output(values)
     out = np.empty((len(indices), *shape), dtype)
     bad = t(values, out, indices=indices, seed=seed, epoch=epoch, field="image")
@@ -60,7 +62,7 @@ def test_random_resized_boxes_stay_inside_and_in_range(hw: tuple[int, int]) -> N
     u = boxes.draws(3, 0, np.arange(2000), boxes.RANDOM_DRAWS)
     got = [boxes.random_resized_box(h, w, r, (0.08, 1.0), (3 / 4, 4 / 3), True) for r in u]
     for b in got:
-        assert 0 <= b.top and b.top + b.height <= h and 0 <= b.left and b.left + b.width <= w
+        assert b.top >= 0 and b.top + b.height <= h and b.left >= 0 and b.left + b.width <= w
         assert b.height >= 1 and b.width >= 1
     flips = np.mean([b.flip for b in got])
     assert 0.45 < flips < 0.55
@@ -271,7 +273,9 @@ def test_corrupt_image_in_a_store_fails_the_loader_or_is_skipped(tmp_path: Path)
     data[41] = b"GIF89a not really"
     cols = {"image": pa.array(data, pa.binary()), "label": np.arange(60, dtype=np.int64)}
     ds = write(tmp_path / "s", cols)
-    loader = hpstore.Loader(ds, 10, num_workers=2, transforms={"image": RandomResizedCrop(16)}, pin_memory=False)
+    loader = hpstore.Loader(
+        ds, 10, num_workers=2, transforms={"image": RandomResizedCrop(16)}, pin_memory=False
+    )
     with pytest.raises(CorruptImageError, match=r"field 'image', sample (37|41)"):
         for _ in loader:
             pass

@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -35,6 +35,7 @@ from hpstore.format.manifest import MANIFEST_KEY, Manifest
 from hpstore.format.writer import Layout, StoreWriter
 from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
 from hpstore.storage.open import is_local, open_storage
+from tools import prepare as prep
 from tools.sources import FORMATS, Split, open_splits
 from tools.sources.base import batch_nbytes, check_field_name
 from tools.sources.prefetch import prefetched
@@ -62,6 +63,7 @@ class IngestConfig:
     workers: int = DEFAULT_LAYOUT.workers
     storage_options: tuple[tuple[str, Any], ...] = ()
     progress: bool = True
+    prepare: prep.PrepareOptions = field(default_factory=prep.PrepareOptions)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -105,6 +107,7 @@ class IngestConfig:
                 "codec": layout.codec,
                 "workers": layout.workers,
                 "overwrite": self.overwrite,
+                **self.prepare.record(),
             },
         }
 
@@ -141,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="fsspec option for DST",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.add_arguments(p)
     return p
 
 
@@ -164,6 +168,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         workers=a.workers,
         storage_options=tuple(a.storage_option),
         progress=not a.no_progress,
+        prepare=prep.from_args(a),
     )
 
 
@@ -238,7 +243,9 @@ def _check_destination(dst: str) -> None:
 def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
     """Run one ingest. Raises ``HpstoreError`` / ``OSError``; DST is unchanged unless it returns."""
     t0 = time.perf_counter()
-    splits = open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields)
+    splits = prep.prepare(
+        open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields), cfg.prepare
+    )
     _check_destination(cfg.dst)
     storage = open_storage(cfg.dst, dict(cfg.storage_options))
     known = [s.source.num_rows for s in splits]
@@ -259,6 +266,8 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
             manifest = writer.commit()
     finally:
         progress.close()
+    for line in prep.report(splits):
+        print(line, file=stream)
     return IngestResult(
         manifest=manifest,
         samples=progress.samples,

@@ -49,7 +49,9 @@ def probe(data: np.ndarray) -> tuple[int, int]:
         return int(im.size[1]), int(im.size[0])
 
 
-def decode(data: np.ndarray, *, gray: bool, factor: int = 1, size: tuple[int, int] | None = None) -> np.ndarray:
+def decode(
+    data: np.ndarray, *, gray: bool, factor: int = 1, size: tuple[int, int] | None = None
+) -> np.ndarray:
     """``(H, W, 1 or 3)`` uint8 pixels; JPEGs at 1/``factor`` of each side (``size``: the full-size
     ``(height, width)`` when already probed). Raises ``ValueError`` / ``OSError`` on a bad image."""
     if is_jpeg(data):
@@ -58,7 +60,7 @@ def decode(data: np.ndarray, *, gray: bool, factor: int = 1, size: tuple[int, in
             min_h, min_w = math.ceil(h / factor), math.ceil(w / factor)
         else:
             min_h = min_w = 0
-        return simplejpeg.decode_jpeg(  # type: ignore[no-any-return]
+        return simplejpeg.decode_jpeg(
             data,
             colorspace="GRAY" if gray else "RGB",
             fastdct=True,

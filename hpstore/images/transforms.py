@@ -220,7 +220,9 @@ class ImageTransform:
         )
         return bad
 
-    def _one(self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    def _one(
+        self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]
+    ) -> tuple[int, int]:
         """Decode, crop, resize and flip one sample into ``slot``; ``(reduced, decoded pixels)``."""
         encoded = data.ndim == 1
         if encoded:
@@ -363,10 +365,14 @@ class Decode(ImageTransform):
                 continue
         raise InputError("Decode(): no readable image to take the output size from; give size=")
 
-    def _one(self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]) -> tuple[int, int]:
+    def _one(
+        self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]
+    ) -> tuple[int, int]:
         shape = probe(data) if data.ndim == 1 else (data.shape[0], data.shape[1])
         if shape != size:
-            raise ValueError(f"image is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]} (Decode needs one size)")
+            raise ValueError(
+                f"image is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]} (Decode needs one size)"
+            )
         return super()._one(data, u, slot, size)
 
     def __repr__(self) -> str:

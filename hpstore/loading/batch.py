@@ -226,7 +226,9 @@ def _transformed(
     return out, np.asarray(bad, dtype=np.int64)
 
 
-def _replace_rows(columns: dict[str, torch.Tensor | pa.Array], index: torch.Tensor | None, bad: np.ndarray) -> None:
+def _replace_rows(
+    columns: dict[str, torch.Tensor | pa.Array], index: torch.Tensor | None, bad: np.ndarray
+) -> None:
     """Fill each skipped row with the next good row of the window (cyclically), in every column, so
     batches keep their size and fields stay aligned. Deterministic: depends only on the window."""
     rows = len(index) if index is not None else len(next(iter(columns.values())))

@@ -53,7 +53,9 @@ def encode(im: Image.Image, kind: str, quality: int = 90) -> bytes:
     return b.getvalue()
 
 
-def image_bytes(n: int, *, sizes: tuple[int, int] = (40, 90), kinds: tuple[str, ...] = ("jpeg",), seed: int = 0) -> list[bytes]:
+def image_bytes(
+    n: int, *, sizes: tuple[int, int] = (40, 90), kinds: tuple[str, ...] = ("jpeg",), seed: int = 0
+) -> list[bytes]:
     """``n`` encoded images of random sizes within ``sizes``, cycling through ``kinds``."""
     rng = np.random.default_rng(seed)
     out = []
