@@ -34,7 +34,7 @@ class PrepareOptions:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("images and splits")
-    g.add_argument("--image-field", default="image", help="the field of encoded images (default: image)")
+    g.add_argument("--image-field", help="the field of encoded images (default: image)")
     g.add_argument(
         "--image-max-side", type=int, metavar="N", help="shrink images so the longer side is at most N"
     )
@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def from_args(a: argparse.Namespace) -> PrepareOptions:
     return PrepareOptions(
         images=ImageOptions(
-            field=a.image_field,
+            field=a.image_field or "image",
+            field_given=a.image_field is not None,
             max_side=a.image_max_side,
             quality=a.image_quality,
             decode=a.image_decode,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from hpstore.errors import InputError
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
-ModelName = Literal["mlp", "cnn", "linear"]
+ModelName = Literal["mlp", "cnn", "linear", "resnet"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
 
@@ -53,6 +53,7 @@ class TrainConfig:
     max_steps: int | None = None
     log_indices: str | None = None
     step_delay: float = 0.0
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -77,6 +78,8 @@ class TrainConfig:
             raise InputError("--ckpt-every needs --ckpt DIR_OR_URL")
         if self.step_delay < 0:
             raise InputError("--step-delay must not be negative")
+        if self.image_size is not None and self.image_size < 8:
+            raise InputError(f"--image-size must be at least 8, got {self.image_size}")
 
 
 def _positive(flag: str, value: int) -> None:
@@ -92,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
     p.add_argument(
-        "--model", choices=["mlp", "cnn", "linear"], default=d.model, help="linear: I/O-bound experiments"
+        "--model",
+        choices=["mlp", "cnn", "linear", "resnet"],
+        default=d.model,
+        help="linear: I/O-bound experiments; resnet: a small residual net for 32-128 px images",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
@@ -157,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="debug: sleep after each step (stands in for a slower model)",
     )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="crop size for stores of encoded images (default 64): random resized crops, centre crops for eval",
+    )
     return p
 
 
@@ -193,4 +204,5 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         max_steps=a.max_steps,
         log_indices=a.log_indices,
         step_delay=a.step_delay,
+        image_size=a.image_size,
     )

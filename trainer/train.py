@@ -24,7 +24,7 @@ import hpstore
 from hpstore.dataset import Dataset, Store
 from hpstore.errors import HpstoreError, StorageError
 from hpstore.loading.loader import Loader
-from trainer import distributed
+from trainer import distributed, images
 from trainer.checkpointing import Position, RunCheckpoints, run_meta
 from trainer.config import AUTO_EVAL, TrainConfig
 from trainer.distributed import Dist
@@ -99,6 +99,7 @@ def make_loader(ds: Dataset, cfg: TrainConfig, dist: Dist, *, train: bool, with_
         with_index=with_index,
         cache_dir=cfg.cache_dir if train else None,  # eval reads each sample once: nothing to keep
         cache_disk_bytes=cfg.cache_disk_bytes,
+        transforms=images.transforms(ds, cfg.input, cfg.image_size, train=train),
     )
 
 
@@ -140,7 +141,9 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         store = open_store(cfg)
         train_ds, self.eval_ds = pick_splits(store, cfg)
-        self.task: Task = build_task(train_ds, [self.eval_ds] if self.eval_ds else [], cfg.input, cfg.target)
+        self.task: Task = build_task(
+            train_ds, [self.eval_ds] if self.eval_ds else [], cfg.input, cfg.target, cfg.image_size
+        )
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, self.task).to(self.device)

@@ -1,7 +1,9 @@
 """Images at ingest: check every encoded image, optionally shrink and re-encode it, or decode it.
 
 ``with_images(splits, options)`` wraps each split whose source has the image field (``image`` by
-default: an image folder's files, or a binary column of Parquet/Arrow/...) in an ``ImageSource``:
+default: an image folder's files, or a binary column of Parquet/Arrow/...) in an ``ImageSource``
+(image folders always; other sources when an image option, ``--image-field`` or ``--skip-bad`` is
+given):
 
 - every image is checked by decoding it (JPEGs at 1/8 scale, which still reads every coded block,
   so a truncated file is caught); a row that is no image, or a corrupt one, fails the ingest with
@@ -44,6 +46,7 @@ class ImageOptions:
     """How the image field is checked and transformed at ingest; validated here."""
 
     field: str = "image"
+    field_given: bool = False  # --image-field named it: the column is meant to hold images
     max_side: int | None = None
     quality: int | None = None
     decode: bool = False
@@ -60,7 +63,7 @@ class ImageOptions:
     @property
     def given(self) -> bool:
         """Whether any image option was asked for (then the field must exist)."""
-        return self.max_side is not None or self.quality is not None or self.decode
+        return self.field_given or self.max_side is not None or self.quality is not None or self.decode
 
     def record(self) -> dict[str, Any]:
         return {
@@ -95,9 +98,12 @@ class ImageSource(Source):
                 if not isinstance(col, pa.Array) or not (
                     pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type)
                 ):
-                    raise InputError(
-                        f"{self.path}: field {name!r} is not a column of encoded images (binary)"
-                    )
+                    if self.options.given:
+                        raise InputError(
+                            f"{self.path}: field {name!r} is not a column of encoded images (binary)"
+                        )
+                    yield batch  # e.g. MNIST's fixed-shape "image": nothing to check
+                    continue
                 blobs = col.to_pylist()
                 results = list(pool.map(self._prepare, blobs))
                 reasons = {i: r for i, r in enumerate(results) if isinstance(r, str)}
@@ -179,7 +185,9 @@ def with_images(splits: list[Split], options: ImageOptions) -> list[Split]:
     out = []
     found = False
     for s in splits:
-        if options.field in s.source.fields:
+        if options.field in s.source.fields and (
+            options.given or options.skip_bad or s.format == "imagefolder"
+        ):
             found = True
             out.append(Split(name=s.name, source=ImageSource(s.source, options), format=s.format))
         else:
