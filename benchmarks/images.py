@@ -188,7 +188,8 @@ def decode_limit(blobs: list[bytes], size: int | None) -> float:
         h, w, _, _ = simplejpeg.decode_jpeg_header(b)
         box = boxes.random_resized_box(h, w, u[i], SCALE, RATIO, True)
         d = boxes.dct_factor(box, (size, size))
-        plans.append((b, math.ceil(h / d), math.ceil(w / d)))
+        # d == 1: no minimum at all (a minimum equal to the full size took a slower path, measured).
+        plans.append((b, math.ceil(h / d), math.ceil(w / d)) if d > 1 else (b, 0, 0))
     t0 = time.thread_time()
     for b, mh, mw in plans:
         simplejpeg.decode_jpeg(b, fastdct=True, fastupsample=True, min_height=mh, min_width=mw)
@@ -212,7 +213,7 @@ def rrc_params(h: int, w: int, rng: random.Random) -> tuple[int, int, int, int]:
 
 
 def to_tensor(im: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(im)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()  # torchvision's ToTensor copies too
 
 
 class PILFolder(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
