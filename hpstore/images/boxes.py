@@ -54,6 +54,47 @@ def draws(seed: int, epoch: int, indices: np.ndarray, n: int) -> np.ndarray:
     return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
+def random_resized_boxes(
+    heights: np.ndarray,
+    widths: np.ndarray,
+    u: np.ndarray,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip: bool,
+) -> np.ndarray:
+    """``(n, 5)`` int64 rows ``(top, left, height, width, flip)``: each sample's crop of its
+    ``height x width`` image from its ``RANDOM_DRAWS`` uniforms ``u[i]``, for a whole window at once
+    (no per-sample Python: this is most of the per-sample cost for small images)."""
+    n = len(u)
+    hh = np.asarray(heights, dtype=np.float64).reshape(n, 1)
+    ww = np.asarray(widths, dtype=np.float64).reshape(n, 1)
+    tries = u[:, : ATTEMPTS * DRAWS_PER_ATTEMPT].reshape(n, ATTEMPTS, DRAWS_PER_ATTEMPT)
+    ua, ur, uy, ux = (tries[:, :, k] for k in range(DRAWS_PER_ATTEMPT))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    target = hh * ww * (scale[0] + (scale[1] - scale[0]) * ua)
+    aspect = np.exp(log_lo + (log_hi - log_lo) * ur)
+    w = np.round(np.sqrt(target * aspect))
+    h = np.round(np.sqrt(target / aspect))
+    ok = (w > 0) & (w <= ww) & (h > 0) & (h <= hh)
+    first = ok.argmax(axis=1)
+    rows = np.arange(n)
+    h1, w1 = h[rows, first], w[rows, first]
+    H, W = hh[:, 0], ww[:, 0]
+    top = np.minimum(np.floor(uy[rows, first] * (H - h1 + 1)), H - h1)
+    left = np.minimum(np.floor(ux[rows, first] * (W - w1 + 1)), W - w1)
+    # No try fitted: the whole image, or its centre with the ratio clamped into range.
+    in_ratio = W / H
+    fw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.round(H * ratio[1]), W))
+    fh = np.where(in_ratio < ratio[0], np.round(W / ratio[0]), H)
+    fh, fw = np.clip(fh, 1, H), np.clip(fw, 1, W)
+    missed = ~ok.any(axis=1)
+    h1, w1 = np.where(missed, fh, h1), np.where(missed, fw, w1)
+    top = np.where(missed, (H - h1) // 2, top)
+    left = np.where(missed, (W - w1) // 2, left)
+    flips = (u[:, -1] < 0.5) if flip else np.zeros(n, dtype=bool)
+    return np.stack([top, left, h1, w1, flips], axis=1).astype(np.int64)
+
+
 def random_resized_box(
     height: int,
     width: int,
@@ -62,30 +103,9 @@ def random_resized_box(
     ratio: tuple[float, float],
     flip: bool,
 ) -> Box:
-    """The crop of an ``height`` x ``width`` image for one sample's ``RANDOM_DRAWS`` uniforms ``u``."""
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    flipped = bool(flip and u[-1] < 0.5)
-    for t in range(ATTEMPTS):
-        ua, ur, uy, ux = u[t * DRAWS_PER_ATTEMPT : (t + 1) * DRAWS_PER_ATTEMPT]
-        target = area * (scale[0] + (scale[1] - scale[0]) * ua)
-        aspect = math.exp(log_lo + (log_hi - log_lo) * ur)
-        w = round(math.sqrt(target * aspect))
-        h = round(math.sqrt(target / aspect))
-        if 0 < w <= width and 0 < h <= height:
-            top = min(int(uy * (height - h + 1)), height - h)
-            left = min(int(ux * (width - w + 1)), width - w)
-            return Box(top, left, h, w, flipped)
-    # Fallback: the whole image, or its centre with the ratio clamped into range.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        h, w = height, round(height * ratio[1])
-    else:
-        w, h = width, height
-    h, w = max(1, min(h, height)), max(1, min(w, width))
-    return Box((height - h) // 2, (width - w) // 2, h, w, flipped)
+    """The crop of one ``height`` x ``width`` image for its ``RANDOM_DRAWS`` uniforms ``u``."""
+    row = random_resized_boxes(np.array([height]), np.array([width]), u[None, :], scale, ratio, flip)[0]
+    return Box(int(row[0]), int(row[1]), int(row[2]), int(row[3]), bool(row[4]))
 
 
 def center_box(height: int, width: int, size: tuple[int, int], resize: int | None) -> Box:

@@ -128,7 +128,10 @@ class ImageTransform:
 
     # -- what subclasses define -------------------------------------------------------------------
 
-    def box(self, height: int, width: int, u: np.ndarray) -> Box:
+    def boxes(
+        self, heights: np.ndarray, widths: np.ndarray, u: np.ndarray, size: tuple[int, int]
+    ) -> np.ndarray:
+        """``(n, 5)`` int64 crops ``(top, left, height, width, flip)`` in full-size pixels."""
         raise NotImplementedError
 
     # -- the loader's side of the contract ----------------------------------------------------------
@@ -196,23 +199,39 @@ class ImageTransform:
         field: str,
     ) -> list[int]:
         t0 = time.thread_time()
-        bad: list[int] = []
-        reduced = pixels = 0
-        for i in range(*block):
+        a, b = block
+        failed: dict[int, BaseException] = {}
+        datas: list[np.ndarray | None] = []
+        shapes = np.ones((b - a, 2), dtype=np.int64)
+        for j in range(b - a):  # headers first: the crop boxes of the block are drawn at once
+            data = row(a + j)
+            datas.append(data)
             try:
-                data = row(i)
                 if data is None:
                     raise ValueError("the value is null")
-                r, p = self._one(data, u[i], out[i], size)
+                shapes[j] = probe(data) if data.ndim == 1 else data.shape[:2]
+                self._check(int(shapes[j, 0]), int(shapes[j, 1]), size)
+            except (ValueError, OSError) as exc:
+                failed[j] = exc
+        crops = self.boxes(shapes[:, 0], shapes[:, 1], u[a:b], size).tolist()  # Python ints, once
+        dims = shapes.tolist()
+        reduced = pixels = 0
+        for j, data in enumerate(datas):
+            if j in failed or data is None:
+                continue
+            try:
+                r, p = self._one(data, dims[j], crops[j], out[a + j], size)
                 reduced += r
                 pixels += p
             except (ValueError, OSError, cv2.error) as exc:
-                if self.on_error == "raise":
-                    raise CorruptImageError(field, int(indices[i]), _problem(exc)) from exc
-                bad.append(i)
-        n = block[1] - block[0]
+                failed[j] = exc
+        bad: list[int] = []
+        for j in sorted(failed):
+            if self.on_error == "raise":
+                raise CorruptImageError(field, int(indices[a + j]), _problem(failed[j])) from failed[j]
+            bad.append(a + j)
         self.stats.add(
-            images=n - len(bad),
+            images=b - a - len(bad),
             skipped=len(bad),
             reduced=reduced,
             decoded_pixels=pixels,
@@ -220,26 +239,32 @@ class ImageTransform:
         )
         return bad
 
+    def _check(self, height: int, width: int, size: tuple[int, int]) -> None:
+        """Refuse an image this transform cannot use (``ValueError``)."""
+
     def _one(
-        self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]
+        self, data: np.ndarray, shape: list[int], crop: list[int], slot: np.ndarray, size: tuple[int, int]
     ) -> tuple[int, int]:
-        """Decode, crop, resize and flip one sample into ``slot``; ``(reduced, decoded pixels)``."""
+        """Decode, crop, resize and flip one sample into ``slot``; ``(reduced, decoded pixels)``.
+        ``crop`` is ``(top, left, height, width, flip)`` in full-size pixels."""
+        h, w = shape
+        top, left, ch, cw, flip = crop
         encoded = data.ndim == 1
+        d = 1
         if encoded:
-            h, w = probe(data)
-        else:
-            h, w = data.shape[0], data.shape[1]
-        box = self.box(h, w, u)
-        d = boxes.dct_factor(box, size) if self.reduce and encoded and is_jpeg(data) else 1
-        if encoded:
+            if self.reduce and is_jpeg(data):
+                d = boxes.dct_factor(Box(top, left, ch, cw), size)
             img = decode(data, gray=self.mode == "L", factor=d, size=(h, w))
         else:
             img = _as_channels(data, self.channels)
-        fy, fx = img.shape[0] / h, img.shape[1] / w
-        y0, x0 = int(box.top * fy), int(box.left * fx)
-        y1 = max(y0 + 1, min(img.shape[0], round((box.top + box.height) * fy)))
-        x1 = max(x0 + 1, min(img.shape[1], round((box.left + box.width) * fx)))
-        _resize_into(img[y0:y1, x0:x1], slot, size, box.flip, self.layout)
+        if d == 1:
+            y0, x0, y1, x1 = top, left, top + ch, left + cw
+        else:
+            fy, fx = img.shape[0] / h, img.shape[1] / w
+            y0, x0 = int(top * fy), int(left * fx)
+            y1 = max(y0 + 1, min(img.shape[0], round((top + ch) * fy)))
+            x1 = max(x0 + 1, min(img.shape[1], round((left + cw) * fx)))
+        _resize_into(img[y0:y1, x0:x1], slot, size, bool(flip), self.layout)
         return int(d > 1), int(img.shape[0] * img.shape[1]) if encoded else 0
 
 
@@ -311,8 +336,10 @@ class RandomResizedCrop(ImageTransform):
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip = bool(flip)
 
-    def box(self, height: int, width: int, u: np.ndarray) -> Box:
-        return boxes.random_resized_box(height, width, u, self.scale, self.ratio, self.flip)
+    def boxes(
+        self, heights: np.ndarray, widths: np.ndarray, u: np.ndarray, size: tuple[int, int]
+    ) -> np.ndarray:
+        return boxes.random_resized_boxes(heights, widths, u, self.scale, self.ratio, self.flip)
 
     def __repr__(self) -> str:
         return f"RandomResizedCrop({self.size}, scale={self.scale}, ratio={self.ratio}, flip={self.flip})"
@@ -330,9 +357,14 @@ class CenterCrop(ImageTransform):
             raise InputError(f"resize {resize} is smaller than the crop {self.size}")
         self.resize = resize
 
-    def box(self, height: int, width: int, u: np.ndarray) -> Box:
-        assert self.size is not None
-        return boxes.center_box(height, width, self.size, self.resize)
+    def boxes(
+        self, heights: np.ndarray, widths: np.ndarray, u: np.ndarray, size: tuple[int, int]
+    ) -> np.ndarray:
+        out = np.zeros((len(heights), 5), dtype=np.int64)
+        for j, (h, w) in enumerate(zip(heights.tolist(), widths.tolist(), strict=True)):
+            b = boxes.center_box(h, w, size, self.resize)
+            out[j, :4] = (b.top, b.left, b.height, b.width)
+        return out
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size}, resize={self.resize})"
@@ -346,8 +378,11 @@ class Decode(ImageTransform):
         options.setdefault("reduce", False)
         super().__init__(size, **options)
 
-    def box(self, height: int, width: int, u: np.ndarray) -> Box:
-        return Box(0, 0, height, width)
+    def boxes(
+        self, heights: np.ndarray, widths: np.ndarray, u: np.ndarray, size: tuple[int, int]
+    ) -> np.ndarray:
+        n = len(heights)
+        return np.stack([np.zeros(n), np.zeros(n), heights, widths, np.zeros(n)], axis=1).astype(np.int64)
 
     def _out_size(self, values: pa.Array | np.ndarray) -> tuple[int, int]:
         if self.size is not None:
@@ -365,15 +400,11 @@ class Decode(ImageTransform):
                 continue
         raise InputError("Decode(): no readable image to take the output size from; give size=")
 
-    def _one(
-        self, data: np.ndarray, u: np.ndarray, slot: np.ndarray, size: tuple[int, int]
-    ) -> tuple[int, int]:
-        shape = probe(data) if data.ndim == 1 else (data.shape[0], data.shape[1])
-        if shape != size:
+    def _check(self, height: int, width: int, size: tuple[int, int]) -> None:
+        if (height, width) != size:
             raise ValueError(
-                f"image is {shape[0]}x{shape[1]}, expected {size[0]}x{size[1]} (Decode needs one size)"
+                f"image is {height}x{width}, expected {size[0]}x{size[1]} (Decode needs one size)"
             )
-        return super()._one(data, u, slot, size)
 
     def __repr__(self) -> str:
         return f"Decode({self.size})"
