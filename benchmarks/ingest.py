@@ -288,7 +288,15 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
     if not cfg.quick:
         figures += rss_figures(cfg, progress, (idx, idx_source(cfg, 4 * idx_mb)), idx_mb, "IDX gz", [])
     figures += layout_figures(cfg, progress, npy)
+    figures += dask_figures(cfg, progress, npy)
     return figures
+
+
+def dask_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Figure]:
+    """Single process vs ``--engine dask`` and the commit's cost (``benchmarks.ingest_dask``)."""
+    from benchmarks import ingest_dask
+
+    return ingest_dask.run(cfg, progress, npy)
 
 
 if __name__ == "__main__":

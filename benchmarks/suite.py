@@ -42,7 +42,7 @@ ORDER = ("limits", "codecs", "ingest", "loader", "remote", "checkpoint", "traine
 OPT_IN = ("sweep", "images")
 """Modules that run only when asked for (``--sweep`` or ``--only``). ``images`` fetches a Debian
 package of photographs on first use and takes minutes: ``--only images``."""
-INFRASTRUCTURE = frozenset({"common", "suite", "report", "plots", "machine", "cache", "__main__"})
+INFRASTRUCTURE = frozenset({"common", "suite", "report", "plots", "machine", "cache", "consumer", "__main__"})
 QUICK_BUDGET_S = 30.0
 """What one module's ``--quick`` run may take (the suite's --quick must stay under 3 minutes)."""
 REPO = Path(__file__).resolve().parent.parent

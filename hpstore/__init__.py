@@ -14,6 +14,7 @@ from hpstore.errors import (
     StoreExistsError,
     StoreNotFoundError,
 )
+from hpstore.loading.options import LoaderOptions
 
 __all__ = [
     "CheckpointError",
@@ -24,6 +25,7 @@ __all__ = [
     "HpstoreError",
     "InputError",
     "Loader",
+    "LoaderOptions",
     "ManifestError",
     "ObjectNotFoundError",
     "StorageError",

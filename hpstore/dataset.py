@@ -119,6 +119,13 @@ class Dataset:
             return self.read(np.arange(len(self))[key])
         return self.read(key)
 
+    def windows(self, field: str, seq_len: int, *, respect_documents: bool = False) -> Any:
+        """Windows of ``seq_len + 1`` tokens of a token field, usable as a split
+        (``hpstore.tokens.TokenWindows``)."""
+        from hpstore.tokens.windows import TokenWindows
+
+        return TokenWindows(self, field, seq_len, respect_documents=respect_documents)
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}: {f.describe()}" for n, f in self.spec.fields.items())
         return f"Dataset({self.name!r}, {len(self)} samples, {{{fields}}})"

@@ -38,10 +38,12 @@ from hpstore.storage.open import is_local, open_storage
 from tools import prepare as prep
 from tools.sources import FORMATS, Split, open_splits
 from tools.sources.base import batch_nbytes, check_field_name
+from tools.sources.location import has_glob, is_url, open_location_splits
 from tools.sources.prefetch import prefetched
 
 DEFAULT_LAYOUT = Layout()
 CODECS = ("zstd", "lz4", "none")
+ENGINES = ("local", "dask")
 
 _M_MMAP_THRESHOLD = -3  # mallopt parameter number in glibc's malloc.h
 
@@ -62,7 +64,10 @@ class IngestConfig:
     level: int | None = None
     workers: int = DEFAULT_LAYOUT.workers
     storage_options: tuple[tuple[str, Any], ...] = ()
+    source_options: tuple[tuple[str, Any], ...] = ()
     progress: bool = True
+    engine: str = "local"
+    scheduler: str | None = None
     prepare: prep.PrepareOptions = field(default_factory=prep.PrepareOptions)
 
     def __post_init__(self) -> None:
@@ -74,6 +79,10 @@ class IngestConfig:
             check_field_name(name, "--field", what="field")
         if self.src is None and not self.fields:
             raise InputError("no source: give SRC DST, or DST with --field NAME=PATH")
+        if self.engine not in ENGINES:
+            raise InputError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
+        if self.scheduler is not None and self.engine != "dask":
+            raise InputError("--scheduler needs --engine dask")
         self.layout()  # validates sizes, codec and level now, before any source is opened
 
     def layout(self) -> Layout:
@@ -97,7 +106,7 @@ class IngestConfig:
         layout = self.layout()
         return {
             "tool": "tools.ingest",
-            "path": os.path.abspath(self.src) if self.src is not None else None,
+            "path": None if self.src is None else self.src if is_url(self.src) else os.path.abspath(self.src),
             "format": {s.name: s.format for s in splits},
             "fields": {name: os.path.abspath(os.path.join(self.src or "", p)) for name, p in self.fields},
             "options": {
@@ -116,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m tools.ingest",
         description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
-        "into an hpstore store.",
+        "into an hpstore store. With --tokenizer byte|FILE.json: tokenize text into a token store "
+        "(see tools.ingest_tokens).",
     )
     p.add_argument("paths", nargs="+", metavar="SRC DST", help="source path and destination (path or URL)")
     p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
@@ -134,7 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=parse_size, default=DEFAULT_LAYOUT.shard_bytes)
     p.add_argument("--codec", choices=CODECS, default=DEFAULT_LAYOUT.codec["name"])
     p.add_argument("--level", type=int, help="codec level (zstd -7..22, lz4 0..9)")
-    p.add_argument("--workers", type=int, default=DEFAULT_LAYOUT.workers, help="parallel encoders")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_LAYOUT.workers,
+        help="parallel encoders (--engine dask: worker processes of the local cluster)",
+    )
+    p.add_argument("--engine", choices=ENGINES, default="local", help="local: this process; dask: Dask tasks")
+    p.add_argument(
+        "--scheduler", metavar="ADDRESS", help="Dask scheduler to run on (default: a local cluster)"
+    )
+    p.add_argument(
+        "--source-option",
+        action="append",
+        type=parse_storage_option,
+        default=[],
+        metavar="K=V",
+        help="fsspec option for SRC",
+    )
     p.add_argument(
         "--storage-option",
         action="append",
@@ -167,7 +194,10 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         level=a.level,
         workers=a.workers,
         storage_options=tuple(a.storage_option),
+        source_options=tuple(a.source_option),
         progress=not a.no_progress,
+        engine=a.engine,
+        scheduler=a.scheduler,
         prepare=prep.from_args(a),
     )
 
@@ -243,9 +273,11 @@ def _check_destination(dst: str) -> None:
 def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
     """Run one ingest. Raises ``HpstoreError`` / ``OSError``; DST is unchanged unless it returns."""
     t0 = time.perf_counter()
-    splits = prep.prepare(
-        open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields), cfg.prepare
-    )
+    splits = _open_splits(cfg)
+    if cfg.engine == "local":
+        splits = prep.prepare(splits, cfg.prepare)
+    elif cfg.prepare.active:
+        raise InputError("--holdout, --skip-bad and the --image-* options need --engine local")
     _check_destination(cfg.dst)
     storage = open_storage(cfg.dst, dict(cfg.storage_options))
     known = [s.source.num_rows for s in splits]
@@ -255,7 +287,9 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
         with StoreWriter(
             storage, layout=cfg.layout(), overwrite=cfg.overwrite, source=cfg.source_record(splits)
         ) as writer:
-            for split in splits:
+            if cfg.engine == "dask":
+                _run_dask(cfg, splits, writer, progress)
+            for split in splits if cfg.engine == "local" else ():
                 progress.bar.set_description(split.name)
                 sw = writer.split(split.name, attrs=split.source.attrs)
                 with closing(prefetched(split.source.batches())) as batches:
@@ -274,6 +308,28 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
         bytes_in=progress.nbytes,
         bytes_out=sum(o.size for o in manifest.objects.values()),
         seconds=time.perf_counter() - t0,
+    )
+
+
+def _open_splits(cfg: IngestConfig) -> list[Split]:
+    if cfg.src is not None and not cfg.fields and (is_url(cfg.src) or has_glob(cfg.src)):
+        return open_location_splits(
+            cfg.src, fmt=cfg.format, split=cfg.split, options=dict(cfg.source_options)
+        )
+    return open_splits(cfg.src, fmt=cfg.format, split=cfg.split, fields=cfg.fields)
+
+
+def _run_dask(cfg: IngestConfig, splits: Sequence[Split], writer: StoreWriter, progress: _Progress) -> None:
+    from tools.engines import dask as engine
+
+    dst = cfg.dst if not is_local(cfg.dst) else os.path.abspath(cfg.dst.removeprefix("file://"))
+    engine.run(
+        splits,
+        writer,
+        storage_url=dst,
+        storage_options=dict(cfg.storage_options),
+        opts=engine.DaskOptions(scheduler=cfg.scheduler, workers=cfg.workers),
+        progress=progress.update,
     )
 
 
@@ -310,6 +366,11 @@ def bound_malloc(threshold: int = 256 << 10) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in args):
+        from tools.ingest_tokens import main as ingest_tokens  # text -> a token store
+
+        return ingest_tokens(args)
     bound_malloc()
     try:
         cfg = parse_args(argv)

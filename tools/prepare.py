@@ -28,6 +28,11 @@ class PrepareOptions:
         if self.holdout is not None and not 0 < self.holdout < 1:
             raise InputError(f"--holdout must be a fraction between 0 and 1, got {self.holdout}")
 
+    @property
+    def active(self) -> bool:
+        """Whether any flag was given (the image checks of an image folder need none)."""
+        return self.holdout is not None or self.images.given or self.images.skip_bad
+
     def record(self) -> dict[str, Any]:
         return {**self.images.record(), "holdout": self.holdout, "holdout_seed": self.holdout_seed}
 

@@ -13,11 +13,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hpstore.errors import InputError
+from hpstore.loading.options import LoaderOptions
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
-ModelName = Literal["mlp", "cnn", "linear", "resnet"]
+ModelName = Literal["mlp", "cnn", "linear", "gpt", "resnet"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
+
+TRAINER_LOADER = LoaderOptions(num_workers=2)
+"""The training loader's options: the library's (``hpstore.LoaderOptions``) except two read-ahead
+threads, so window building overlaps the training step. Chosen by ``benchmarks/loader.py``'s
+consumer rows (a training step holding the GIL, 28×28, batch 256): see the README's "Random access and
+loading" section for the figures. The flags below take their defaults from here."""
 
 AUTO_EVAL = "auto"
 """``--eval-split`` default: the ``test`` split when the store has one, else no evaluation."""
@@ -38,11 +45,11 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"
     amp: AmpName = "none"
-    workers: int = 2
-    cache_bytes: int = 256 << 20
-    prefetch_bytes: int = 64 << 20
-    cache_dir: str | None = None
-    cache_disk_bytes: int = 16 << 30
+    workers: int = TRAINER_LOADER.num_workers
+    cache_bytes: int = TRAINER_LOADER.cache_bytes
+    prefetch_bytes: int = TRAINER_LOADER.prefetch_bytes
+    cache_dir: str | None = TRAINER_LOADER.cache_dir
+    cache_disk_bytes: int = TRAINER_LOADER.cache_disk_bytes
     storage_options: dict[str, Any] = field(default_factory=dict)
     ckpt: str | None = None
     ckpt_every: int = 0
@@ -53,6 +60,11 @@ class TrainConfig:
     max_steps: int | None = None
     log_indices: str | None = None
     step_delay: float = 0.0
+    seq_len: int = 256
+    gpt_layers: int = 4
+    gpt_heads: int = 4
+    gpt_width: int = 256
+    respect_documents: bool = False
     image_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -66,20 +78,46 @@ class TrainConfig:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
             raise InputError(f"--weight-decay must not be negative, got {self.weight_decay}")
-        if self.workers < 0:
-            raise InputError(f"--workers must not be negative, got {self.workers}")
-        if self.cache_bytes < 0 or self.prefetch_bytes < 1:
-            raise InputError("--cache-bytes must not be negative and --prefetch-bytes must be positive")
+        self.loader_options()  # validates the loader flags (hpstore.LoaderOptions does, in one place)
         if self.ckpt_every < 0:
             raise InputError(f"--ckpt-every must not be negative, got {self.ckpt_every}")
         if self.resume and not self.ckpt:
             raise InputError("--resume needs --ckpt DIR_OR_URL")
         if self.ckpt_every and not self.ckpt:
             raise InputError("--ckpt-every needs --ckpt DIR_OR_URL")
+        for flag, value in (
+            ("--seq-len", self.seq_len),
+            ("--gpt-layers", self.gpt_layers),
+            ("--gpt-heads", self.gpt_heads),
+            ("--gpt-width", self.gpt_width),
+        ):
+            _positive(flag, value)
         if self.step_delay < 0:
             raise InputError("--step-delay must not be negative")
         if self.image_size is not None and self.image_size < 8:
             raise InputError(f"--image-size must be at least 8, got {self.image_size}")
+
+    def loader_options(self) -> LoaderOptions:
+        """The training loader's options from the flags (``TRAINER_LOADER`` with them applied)."""
+        flags = {
+            "num_workers": "--workers",
+            "cache_bytes": "--cache-bytes",
+            "prefetch_bytes": "--prefetch-bytes",
+        }
+        flags |= {"cache_disk_bytes": "--cache-disk-bytes"}
+        try:
+            return TRAINER_LOADER.replace(
+                seed=self.seed,
+                num_workers=self.workers,
+                cache_bytes=self.cache_bytes,
+                prefetch_bytes=self.prefetch_bytes,
+                cache_dir=self.cache_dir,
+                cache_disk_bytes=self.cache_disk_bytes,
+                fields=(self.input, self.target),
+            )
+        except InputError as exc:
+            name = str(exc).split(" ", 1)[0]
+            raise InputError(str(exc).replace(name, flags.get(name, name), 1)) from None
 
 
 def _positive(flag: str, value: int) -> None:
@@ -96,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
     p.add_argument(
         "--model",
-        choices=["mlp", "cnn", "linear", "resnet"],
+        choices=["mlp", "cnn", "linear", "gpt", "resnet"],
         default=d.model,
-        help="linear: I/O-bound experiments; resnet: a small residual net for 32-128 px images",
+        help="linear: I/O-bound experiments; gpt: a decoder-only transformer on a token store; "
+        "resnet: a small residual net for 32-128 px images",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
@@ -108,7 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.eval_split,
         help="split evaluated after each epoch; default: 'test' if present, 'none' to skip",
     )
-    p.add_argument("--input", default=d.input, help="fixed-shape image field (uint8 or float)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="fixed-shape image field (uint8 or float); gpt: the token field (tokens)",
+    )
     p.add_argument("--target", default=d.target, help="integer label field")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (cosine decay)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -163,6 +206,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="debug: sleep after each step (stands in for a slower model)",
     )
+    g = p.add_argument_group("gpt (--model gpt, a token store from tools.ingest --tokenizer)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="context: tokens per window")
+    g.add_argument("--gpt-layers", type=int, default=d.gpt_layers)
+    g.add_argument("--gpt-heads", type=int, default=d.gpt_heads)
+    g.add_argument("--gpt-width", type=int, default=d.gpt_width)
+    g.add_argument(
+        "--respect-documents", action="store_true", help="windows hold whole documents (padding + loss mask)"
+    )
     p.add_argument(
         "--image-size",
         type=int,
@@ -182,7 +233,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         batch_size=a.batch_size,
         train_split=a.train_split,
         eval_split=eval_split,
-        input=a.input,
+        input=a.input or ("tokens" if a.model == "gpt" else "image"),
         target=a.target,
         lr=a.lr,
         weight_decay=a.weight_decay,
@@ -204,5 +255,10 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         max_steps=a.max_steps,
         log_indices=a.log_indices,
         step_delay=a.step_delay,
+        seq_len=a.seq_len,
+        gpt_layers=a.gpt_layers,
+        gpt_heads=a.gpt_heads,
+        gpt_width=a.gpt_width,
+        respect_documents=a.respect_documents,
         image_size=a.image_size,
     )

@@ -261,7 +261,7 @@ class Checkpointer:
 
     def _can_recycle(self) -> bool:
         """Recycling is on and the storage can move a prefix (else the manifest read is wasted)."""
-        return self.layout.recycle and type(self.storage).move_prefix is not Storage.move_prefix
+        return self.layout.recycle and self.storage.capabilities.move_prefix
 
     def _generation(self, step: int) -> str | None:
         """The data generation of a committed step (None if its manifest does not read)."""

@@ -91,6 +91,48 @@ def _concat(parts: list[Column]) -> Column:
     return pa.concat_arrays([_to_arrow(p) for p in parts])
 
 
+def split_geometry(first: Mapping[str, Column], layout: Layout) -> tuple[int, int]:
+    """``(chunk_rows, chunks_per_shard)`` of a split, from its first batch: every engine that
+    writes a split (one process, or partitions on many machines) cuts it the same way."""
+    n = len(next(iter(first.values())))
+    row_bytes = sum(_row_bytes(c) for c in first.values()) if n else 1.0
+    chunk_rows = max(1, int(layout.chunk_bytes // row_bytes))
+    return chunk_rows, max(1, layout.shard_bytes // max(1, int(chunk_rows * row_bytes)))
+
+
+def choose_codec(first: np.ndarray, chunk_rows: int, codec: Codec, min_ratio: float) -> Codec:
+    """The split's codec for a fixed-shape field, unless its first chunk shows it does not pay."""
+    if codec["name"] == "none" or min_ratio <= 1:
+        return codec
+    encoded = len(zf.encode_chunk(first, chunk_rows, codec))
+    return codec if first.nbytes >= min_ratio * encoded else {"name": "none"}
+
+
+def encode_arrow_part(
+    batches: list[pa.RecordBatch], compression: str | None
+) -> tuple[bytes, tuple[tuple[int, int, str], ...]]:
+    """One Arrow IPC file of record batches (one per chunk) and each batch's (offset, length, crc).
+
+    Each batch is compacted first: the IPC writer pads a sliced variable-length buffer to 8 bytes
+    with whatever bytes follow the slice in memory, so without it the file's bytes would depend on
+    how the rows happened to be batched (one process vs partitions), not only on the rows."""
+    batches = [pa.record_batch([pa.concat_arrays([c]) for c in b.columns], schema=b.schema) for b in batches]
+    sink = pa.BufferOutputStream()
+    ranges = []
+    opts = pa.ipc.IpcWriteOptions(compression=compression)
+    with pa.ipc.new_file(sink, batches[0].schema, options=opts) as w:
+        for b in batches:
+            start = sink.tell()
+            w.write_batch(b)
+            ranges.append((start, sink.tell() - start))
+    # The file writer emits the magic and the schema lazily with the first batch; the first
+    # range must start at the record batch message itself.
+    skip = 8 + batches[0].schema.serialize().size
+    ranges[0] = (ranges[0][0] + skip, ranges[0][1] - skip)
+    data = sink.getvalue().to_pybytes()
+    return data, tuple((o, n, crc32c_hex(memoryview(data)[o : o + n])) for o, n in ranges)
+
+
 class _FieldWriter:
     """Encodes chunks of one field and writes them, one job per shard or Arrow part."""
 
@@ -142,13 +184,7 @@ class _FieldWriter:
             self.flush_shard()
 
     def _choose_codec(self, first: np.ndarray) -> Codec:
-        """The split's codec, unless this field's first chunk shows it does not pay."""
-        codec = self.sw.codec
-        if codec["name"] == "none" or self.sw.writer.layout.min_ratio <= 1:
-            return codec
-        raw = first.nbytes
-        encoded = len(zf.encode_chunk(first, self.sw.chunk_rows, codec))
-        return codec if raw >= self.sw.writer.layout.min_ratio * encoded else {"name": "none"}
+        return choose_codec(first, self.sw.chunk_rows, self.sw.codec, self.sw.writer.layout.min_ratio)
 
     def flush_shard(self) -> None:
         if not self.pending:
@@ -164,21 +200,8 @@ class _FieldWriter:
         return self.sw.writer.put(key, data), None
 
     def _write_part(self, shard: int, chunks: list[Future[Any]]) -> tuple[tuple[str, ObjectEntry], ArrowPart]:
-        sink = pa.BufferOutputStream()
-        batches = []
-        opts = pa.ipc.IpcWriteOptions(compression=self.sw.arrow_compression)
-        with pa.ipc.new_file(sink, chunks[0].result().schema, options=opts) as w:
-            for f in chunks:
-                start = sink.tell()
-                w.write_batch(f.result())
-                batches.append((start, sink.tell() - start))
-        # The file writer emits the magic and the schema lazily with the first batch; the first
-        # range must start at the record batch message itself.
-        skip = 8 + chunks[0].result().schema.serialize().size
-        batches[0] = (batches[0][0] + skip, batches[0][1] - skip)
-        data = sink.getvalue().to_pybytes()
+        data, with_crc = encode_arrow_part([f.result() for f in chunks], self.sw.arrow_compression)
         key = f"{self.path}/part-{shard:05d}.arrow"
-        with_crc = tuple((o, n, crc32c_hex(memoryview(data)[o : o + n])) for o, n in batches)
         entry = self.sw.writer.put(key, data)
         return (entry[0], entry[1]), ArrowPart(key=key, batches=with_crc)
 
@@ -254,11 +277,7 @@ class SplitWriter:
     def _start(self, batch: Mapping[str, Column]) -> None:
         if not batch:
             raise InputError(f"split {self.name!r}: no fields")
-        n = len(next(iter(batch.values())))
-        row_bytes = sum(_row_bytes(c) for c in batch.values()) if n else 1.0
-        layout = self.writer.layout
-        self.chunk_rows = max(1, int(layout.chunk_bytes // row_bytes))
-        self.chunks_per_shard = max(1, layout.shard_bytes // max(1, int(self.chunk_rows * row_bytes)))
+        self.chunk_rows, self.chunks_per_shard = split_geometry(batch, self.writer.layout)
         for name, col in batch.items():
             self.fields[name] = _FieldWriter(self, name, col)
             self.buffer[name] = []
@@ -386,6 +405,14 @@ class StoreWriter:
         self.splits[spec.name] = spec
         self.objects.update(objects)
         return spec
+
+    def add_written_split(self, spec: SplitSpec, objects: Mapping[str, ObjectEntry]) -> None:
+        """Record a split whose objects other processes wrote under this generation (partitions
+        written in parallel, ``hpstore.format.parts``); ``commit`` then lists them."""
+        if spec.name in self.splits:
+            raise InputError(f"split {spec.name!r} given twice")
+        self.splits[spec.name] = spec
+        self.objects.update(objects)
 
     def commit(self) -> Manifest:
         if not self.splits:

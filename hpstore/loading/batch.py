@@ -79,9 +79,23 @@ def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
     return torch.empty(shape, dtype=like.dtype).share_memory_()
 
 
+_SCATTERED = 4
+"""Pieces per distinct chunk above which a window is gathered chunk by chunk (fancy-indexed reads)
+rather than piece by piece: the windows of an elastic resume hold single rows."""
+
+
 def gather_rows(window: Window, chunk_of: ChunkOf, out: np.ndarray) -> None:
     """Fill ``out`` (rows in output order) from the window's chunks: one copy per chunk piece."""
     dest = window.destinations
+    if len(window.pieces) > _SCATTERED * len(window.chunks) + 16:
+        chunk, row = window.natural_rows()
+        by_chunk = np.argsort(chunk, kind="stable")
+        ids, starts = np.unique(chunk[by_chunk], return_index=True)
+        ends = np.append(starts[1:], len(by_chunk))
+        for c, a, b in zip(ids.tolist(), starts.tolist(), ends.tolist(), strict=True):
+            sel = by_chunk[a:b]
+            out[dest[sel]] = chunk_of(c)[row[sel]]
+        return
     offsets = window.offsets.tolist()
     for k, (cid, a, b) in enumerate(window.pieces.tolist()):
         s, e = offsets[k], offsets[k + 1]

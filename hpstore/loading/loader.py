@@ -57,10 +57,11 @@ Semantics worth knowing:
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
@@ -77,27 +78,43 @@ from hpstore.loading.buffers import BufferPool
 from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, Policy
 from hpstore.loading.disk_cache import ChunkDiskCache
 from hpstore.loading.memory import keep_freed_memory
-from hpstore.loading.plan import EpochPlan, PlanSpec
+from hpstore.loading.options import (
+    DEFAULT_CACHE_BYTES,
+    DEFAULT_CACHE_DISK_BYTES,
+    DEFAULT_IO_THREADS,
+    DEFAULT_PREFETCH_BYTES,
+    DEFAULT_SHUFFLE_WINDOW,
+    LoaderOptions,
+)
+from hpstore.loading.plan import EpochPlan, History, PlanSpec
 from hpstore.loading.prefetch import Prefetcher
-from hpstore.storage.base import Range, Storage
+from hpstore.storage.base import Range
 
-DEFAULT_PREFETCH_BYTES = 256 << 20
-DEFAULT_CACHE_BYTES = 512 << 20
-DEFAULT_CACHE_DISK_BYTES = 16 << 30
-DEFAULT_SHUFFLE_WINDOW = 16
-DEFAULT_IO_THREADS = 8
+__all__ = [
+    "DEFAULT_CACHE_BYTES",
+    "DEFAULT_CACHE_DISK_BYTES",
+    "DEFAULT_IO_THREADS",
+    "DEFAULT_PREFETCH_BYTES",
+    "DEFAULT_SHUFFLE_WINDOW",
+    "Loader",
+    "LoaderOptions",
+    "LoaderStats",
+]
+
 STATE_VERSION = 1
 PLAN_KEYS = (
     "num_samples",
     "chunk_rows",
     "batch_size",
-    "world_size",
     "seed",
     "shuffle",
     "drop_last",
     "window_chunks",
+    "first_window_chunks",
 )
-"""State entries that must match the loader a state is loaded into (they define the plan)."""
+"""State entries that must match the loader a state is loaded into (they define the plan).
+``world_size`` may differ (elastic resume); ``first_window_chunks`` is absent from states saved
+before the ramp existed, whose plans had none."""
 
 
 @dataclass
@@ -114,6 +131,10 @@ class LoaderStats(Counters):
     windows: int = 0
     batches: int = 0
     samples: int = 0
+    first_batch_seconds: float = 0.0
+    """From the loader's creation to its first batch (set once)."""
+    start_seconds: float = 0.0
+    """From the latest ``iter`` to its first batch."""
 
     def as_dict(self) -> dict[str, float]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -147,48 +168,32 @@ class Loader:
         self,
         ds: Dataset,
         batch_size: int,
+        options: LoaderOptions | None = None,
         *,
-        shuffle: bool = True,
-        seed: int = 0,
-        fields: Sequence[str] | None = None,
-        drop_last: bool = False,
-        rank: int | None = None,
-        world_size: int | None = None,
-        num_workers: int = 0,
-        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES,
-        cache_bytes: int = DEFAULT_CACHE_BYTES,
-        with_index: bool = False,
-        shuffle_window: int = DEFAULT_SHUFFLE_WINDOW,
-        pin_memory: bool | None = None,
-        io_threads: int = DEFAULT_IO_THREADS,
-        cache_dir: str | None = None,
-        cache_disk_bytes: int = DEFAULT_CACHE_DISK_BYTES,
         transforms: Mapping[str, batching.FieldTransform] | None = None,
+        **changes: Any,
     ) -> None:
-        for name, value in (
-            ("num_workers", num_workers),
-            ("prefetch_bytes", prefetch_bytes),
-            ("io_threads", io_threads),
-        ):
-            if value < 0:
-                raise InputError(f"{name} must be >= 0, got {value}")
-        if cache_bytes < 0:
-            raise InputError(f"cache_bytes must be >= 0, got {cache_bytes}")
+        """``options`` (default ``LoaderOptions()``) with ``changes`` applied: any of its fields as
+        keyword arguments, e.g. ``Loader(ds, 256, num_workers=2)``."""
+        self.created = time.perf_counter()
+        self.options = o = LoaderOptions.of(options, **changes)
         self.dataset = ds
         keep_freed_memory()  # reuse chunk buffers instead of faulting in fresh pages (hpstore.loading.memory)
-        self.rank, self.world_size = resolve_world(rank, world_size)
+        self.rank, self.world_size = resolve_world(o.rank, o.world_size)
         self.spec = PlanSpec(
             num_samples=len(ds),
             chunk_rows=ds.spec.chunk_rows,
             batch_size=batch_size,
             world_size=self.world_size,
-            seed=seed,
-            shuffle=bool(shuffle),
-            drop_last=bool(drop_last),
-            window_chunks=shuffle_window,
+            seed=o.seed,
+            shuffle=bool(o.shuffle),
+            drop_last=bool(o.drop_last),
+            window_chunks=o.shuffle_window,
+            first_window_chunks=o.first_window,
         )
-        self.fields = {name: ds.spec.fields[name] for name in ds.field_names(fields)}
-        # Per-field transforms (e.g. hpstore.images.RandomResizedCrop), run by the window builders.
+        self.fields = {name: ds.spec.fields[name] for name in ds.field_names(o.fields)}
+        # Per-field transforms (e.g. hpstore.images.RandomResizedCrop), run by the window builders;
+        # objects with state, so a keyword of their own rather than a LoaderOptions field.
         self.transforms = dict(transforms or {})
         unknown = sorted(set(self.transforms) - set(self.fields))
         if unknown:
@@ -196,17 +201,18 @@ class Loader:
         self.padded_fields = frozenset(
             n for n, f in self.fields.items() if batching.is_padded(f) and n not in self.transforms
         )
-        self._check_keys(with_index)
-        self.num_workers = num_workers
-        self.prefetch_bytes = prefetch_bytes
-        self.with_index = with_index
+        self._check_keys(o.with_index)
+        self.num_workers = o.num_workers
+        self.prefetch_bytes = o.prefetch_bytes
+        self.with_index = o.with_index
+        pin_memory = o.pin_memory
         if pin_memory is None:
             import torch
 
             pin_memory = torch.cuda.is_available()
         self.pin_memory = bool(pin_memory)
         # Enough recycled buffers per kind for every window in flight plus the one being consumed.
-        self.buffers = BufferPool(pin=self.pin_memory, limit=num_workers + 3)
+        self.buffers = BufferPool(pin=self.pin_memory, limit=o.num_workers + 3)
         self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
         self._row_bytes += sum(getattr(t, "row_bytes", 0) for t in self.transforms.values())
         self._io = LoaderStats()
@@ -214,17 +220,21 @@ class Loader:
         # evicted with the same plan, which it follows through the RAM cache's policy.
         policy: Policy = FurthestUsePolicy()
         self.disk_cache: ChunkDiskCache | None = None
-        if cache_dir is not None:
+        if o.cache_dir is not None:
             paths = {name: f.path for name, f in ds.spec.fields.items()}
-            self.disk_cache = ChunkDiskCache(ds.store.url, paths, cache_dir, cache_disk_bytes)
+            self.disk_cache = ChunkDiskCache(ds.store.url, paths, o.cache_dir, o.cache_disk_bytes)
             policy = self.disk_cache.follow(policy)
-        self.fetcher = ChunkFetcher(ds, self._io, self.disk_cache, io_threads)
+        self.fetcher = ChunkFetcher(ds, self._io, self.disk_cache, o.io_threads)
+        # A view whose samples are not stored rows (hpstore.tokens.TokenWindows) names the stored
+        # chunks each plan chunk reads and gathers its own rows; a plain split does neither.
+        self.view: Any = ds if hasattr(ds, "stored_chunks") else None
         # The cache holds the fetcher, not the loader: no reference cycle, so a dropped loader
         # frees its cache at once instead of at the next full garbage collection (until then
         # each new loader faulted in fresh memory: 1.0-1.3 M vs 1.6-1.9 M samples/s on 28x28).
-        self.cache = ChunkCache(cache_bytes, self.fetcher, policy=policy)
+        self.cache = ChunkCache(o.cache_bytes, self.fetcher, policy=policy)
         self._epoch = 0
         self._step = 0
+        self._history: History = ()  # earlier runs of this epoch on other world sizes
         self._run: weakref.ref[_Run] | None = None
 
     def _check_keys(self, with_index: bool) -> None:
@@ -250,35 +260,62 @@ class Loader:
             raise InputError(f"epoch must be an integer >= 0, got {epoch!r}")
         if int(epoch) != self._epoch:
             self._close_run()
-            self._epoch, self._step = int(epoch), 0
+            self._epoch, self._step, self._history = int(epoch), 0, ()
 
-    def state_dict(self) -> dict[str, int | bool]:
+    @property
+    def steps_in_epoch(self) -> int:
+        """Batches of the current epoch on this rank: ``len(self)``, except in an epoch resumed on
+        another world size (``load_state_dict``), which has the steps of its remainder."""
+        if not self._history:
+            return len(self)
+        return self._plan(self._epoch).steps
+
+    def _plan(self, epoch: int) -> EpochPlan:
+        return EpochPlan(self.spec, epoch, self.rank, self._history if epoch == self._epoch else ())
+
+    def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from: ``epoch``, ``step`` (batches of that epoch already
-        delivered; ``step == len(self)`` means the epoch is done and the next ``iter`` starts the
-        following one), and the plan's inputs, checked on load. The same on every rank, plain JSON."""
-        state: dict[str, int | bool] = {"version": STATE_VERSION, "epoch": self._epoch, "step": self._step}
+        delivered; ``step == steps_in_epoch`` means the epoch is done and the next ``iter`` starts
+        the following one), ``world_size`` and ``history`` (earlier world sizes of this epoch), and
+        the plan's inputs, checked on load. The same on every rank, plain JSON."""
+        state: dict[str, Any] = {"version": STATE_VERSION, "epoch": self._epoch, "step": self._step}
         state.update({k: getattr(self.spec, k) for k in PLAN_KEYS})
+        state["world_size"] = self.world_size
+        state["history"] = [list(h) for h in self._history]
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a ``state_dict()``; the next iteration yields exactly the rest of its epoch."""
-        missing = [k for k in ("version", "epoch", "step", *PLAN_KEYS) if k not in state]
+        """Continue from a ``state_dict()``; the next iteration yields exactly the rest of its epoch.
+
+        A state saved on another number of ranks continues elastically: the rest of the interrupted
+        epoch is re-planned over this loader's ranks (every remaining sample once across them, the
+        same number of steps on each; ``hpstore.loading.plan``, *Elastic resume*), and later epochs
+        are ordinary epochs of this world size."""
+        missing = [k for k in ("version", "epoch", "step", "world_size", *PLAN_KEYS) if k not in state]
+        missing = [k for k in missing if k != "first_window_chunks"]
         if missing:
             raise InputError(f"loader state lacks {', '.join(missing)}")
         if state["version"] != STATE_VERSION:
             raise InputError(f"loader state version {state['version']} is not supported")
         for key in PLAN_KEYS:
             mine = getattr(self.spec, key)
-            if state[key] != mine:
+            if state.get(key) != mine:
                 raise InputError(
-                    f"loader state was saved with {key}={state[key]!r} but this loader has {key}={mine!r}; "
+                    f"loader state was saved with {key}={state.get(key)!r} but this loader has {key}={mine!r}; "
                     "resuming exactly needs the same value"
                 )
-        epoch, step = int(state["epoch"]), int(state["step"])
-        if epoch < 0 or not 0 <= step <= self.spec.steps_per_epoch:
+        try:
+            epoch, step, world = int(state["epoch"]), int(state["step"]), int(state["world_size"])
+            history: History = tuple((int(w), int(s)) for w, s in state.get("history", ()))
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"loader state position is malformed: {exc}") from None
+        saved = EpochPlan(dataclasses.replace(self.spec, world_size=world), max(epoch, 0), 0, history)
+        if epoch < 0 or world < 1 or not 0 <= step <= saved.steps:
             raise InputError(f"loader state position epoch={epoch} step={step} is out of range")
+        if world != self.world_size:
+            history, step = (*history, (world, step)), 0
         self._close_run()
-        self._epoch, self._step = epoch, step
+        self._epoch, self._step, self._history = epoch, step, history
 
     @property
     def stats(self) -> dict[str, float]:
@@ -329,6 +366,9 @@ class Loader:
         if run is not None:
             run.close()
         self._run = None
+
+    def _stored_chunks(self, plan: EpochPlan, chunks: list[int]) -> list[int]:
+        return chunks if self.view is None else self.view.stored_chunks(plan, chunks)
 
     def _window_cost(self, rows: int) -> int:
         """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
@@ -381,8 +421,7 @@ class ChunkFetcher:
 
     def _io_pool(self) -> ThreadPoolExecutor | None:
         """The read/decode threads, for backends whose ``read_ranges`` is a serial loop."""
-        storage = self.reader.storage
-        if self.io_threads < 2 or type(storage).read_ranges is not Storage.read_ranges:
+        if self.io_threads < 2 or self.reader.storage.capabilities.concurrent_ranges:
             return None
         with self._pool_lock:
             if self._pool is None:
@@ -413,12 +452,14 @@ class _Builder:
         names = list(self.loader.fields)
         future: list[tuple[str, int]] = []
         bases: dict[int, int] = {}
-        for j in range(first_window, self.plan.num_windows):
+        for j, chunks in enumerate(self.plan.chunks_by_window(first_window), start=first_window):
             bases[j] = len(future)
-            future.extend((name, c) for c in self.plan.window_chunks(j) for name in names)
+            chunks = self.loader._stored_chunks(self.plan, chunks)
+            future.extend((name, c) for c in chunks for name in names)
         following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
-        for j in range(following.num_windows):
-            future.extend((name, c) for c in following.window_chunks(j) for name in names)
+        for chunks in following.chunks_by_window():
+            chunks = self.loader._stored_chunks(following, chunks)
+            future.extend((name, c) for c in chunks for name in names)
         self.loader.cache.plan(future)
         return bases
 
@@ -429,11 +470,22 @@ class _Builder:
     def build(self, j: int) -> batching.WindowRows:
         loader = self.loader
         window = self.plan.window(j)
-        keys = [(name, c) for c in window.chunks for name in loader.fields]
+        keys = [(name, c) for c in loader._stored_chunks(self.plan, window.chunks) for name in loader.fields]
         base = self.bases[j]
         values = loader.cache.get_many(keys, range(base, base + len(keys)))
         chunks = dict(zip(keys, values, strict=True))
         t0 = time.perf_counter()
+        if loader.view is not None:
+            rows = loader.view.assemble(
+                window,
+                self.plan,
+                lambda name, c: chunks[(name, c)],
+                take=loader.buffers.take,
+                with_index=loader.with_index,
+                pin=loader.pin_memory,
+            )
+            loader._io.add(gather_seconds=time.perf_counter() - t0, windows=1)
+            return rows
         rows = batching.assemble(
             window,
             loader.fields,
@@ -455,7 +507,8 @@ class _Run:
 
     def __init__(self, loader: Loader) -> None:
         self.loader = loader
-        plan = EpochPlan(loader.spec, loader._epoch, loader.rank)
+        self.started = time.perf_counter()
+        plan = loader._plan(loader._epoch)
         first_window, self.skip = plan.start_of(loader._step)
         if loader._step >= plan.steps:  # resumed after the last batch: the rest is empty
             first_window = plan.num_windows
@@ -484,7 +537,7 @@ class _Run:
                 self.current = next(self.prefetcher)
             except StopIteration:
                 self.close()
-                loader._epoch, loader._step = loader._epoch + 1, 0
+                loader._epoch, loader._step, loader._history = loader._epoch + 1, 0, ()
                 raise
             except BaseException:
                 self.close()
@@ -496,6 +549,12 @@ class _Run:
         out = self.current.batch(self.k)
         self.k += 1
         loader._step += 1
+        if self.started:
+            now = time.perf_counter()
+            loader._io.start_seconds = now - self.started
+            if not loader._io.batches:
+                loader._io.first_batch_seconds = now - loader.created
+            self.started = 0.0
         loader._io.add(batches=1, samples=b - a)
         return out
 

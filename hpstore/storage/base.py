@@ -56,11 +56,26 @@ def check_key(key: str) -> str:
     return key
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capabilities:
+    """What a backend can do beyond the contract's defaults. Declared by each backend and passed
+    through by every wrapper, so callers choose a strategy from these flags, never by looking at
+    which methods a class overrides (a wrapper would hide the override)."""
+
+    concurrent_ranges: bool = False
+    """``read_ranges`` keeps many requests in flight itself (else callers add their own threads)."""
+    move_prefix: bool = False
+    """``move_prefix`` can move a whole prefix in one cheap step (a directory rename)."""
+    overwrite_in_place: bool = False
+    """``overwrite`` rewrites an existing object's blocks instead of writing a new object."""
+
+
 class Storage(ABC):
     """Byte I/O under one root. Implementations must be safe to call from many threads."""
 
     url: str
     stats: StorageStats
+    capabilities: Capabilities = Capabilities()
 
     @abstractmethod
     def read(self, key: str) -> bytes:
@@ -159,6 +174,10 @@ class PrefixStorage(Storage):
         self.prefix = check_key(prefix.strip("/"))
         self.url = f"{inner.url}/{self.prefix}"
         self.stats = inner.stats
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}"

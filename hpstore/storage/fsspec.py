@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from hpstore.errors import HpstoreError, InputError, ObjectNotFoundError
-from hpstore.storage.base import Range, Storage, StorageStats, check_key, raise_first
+from hpstore.storage.base import Capabilities, Range, Storage, StorageStats, check_key, raise_first
 from hpstore.storage.failures import (
     Redactor,
     RetryPolicy,
@@ -40,6 +40,8 @@ class FsspecStorage(Storage):
     Multipart parts are the exception: each part is retried on its own (``part_retry``) so that
     one flaky part does not restart a large upload.
     """
+
+    capabilities = Capabilities(concurrent_ranges=True)
 
     part_bytes = 16 << 20
     """S3 multipart part size: objects of at least twice this go up as parallel parts."""

@@ -8,11 +8,13 @@ import uuid
 
 from hpstore.errors import ObjectNotFoundError, StorageError
 from hpstore.storage import direct_io
-from hpstore.storage.base import Storage, StorageStats, check_key
+from hpstore.storage.base import Capabilities, Storage, StorageStats, check_key
 
 
 class LocalStorage(Storage):
     """A directory on a local file system. Reads use ``pread``; writes go through a temp file."""
+
+    capabilities = Capabilities(move_prefix=True, overwrite_in_place=True)
 
     direct = True
     """Write large aligned payloads with ``O_DIRECT`` (``hpstore.storage.direct_io``); turned off for

@@ -13,21 +13,28 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from hpstore.errors import HpstoreError, StorageError
-from hpstore.storage.base import Range, Storage, raise_first
+from hpstore.storage.base import Capabilities, Range, Storage, raise_first
 from hpstore.storage.failures import RetryPolicy, is_transient
 
-__all__ = ["LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
+__all__ = ["ForwardingStorage", "LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
 
 T = TypeVar("T")
 
 
 class ForwardingStorage(Storage):
-    """Passes every call to ``inner``: subclass it and override only the behaviour you add."""
+    """Passes every call of the contract to ``inner``, capabilities included: subclass it and
+    override only the behaviour you add. ``tests/test_storage.py`` fails when a method of the
+    contract is not forwarded here, so a method added to ``Storage`` later cannot be silently
+    served by the base class's default behind a wrapper."""
 
     def __init__(self, inner: Storage) -> None:
         self.inner = inner
         self.url = inner.url
         self.stats = inner.stats
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return self.inner.capabilities
 
     def read(self, key: str) -> bytes:
         return self.inner.read(key)
@@ -47,6 +54,12 @@ class ForwardingStorage(Storage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(key, data, durable=durable)
 
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        self.inner.overwrite(key, data)
+
+    def move_prefix(self, src: str, dst: str) -> bool:
+        return self.inner.move_prefix(src, dst)
+
     def sync(self) -> None:
         self.inner.sync()
 
@@ -60,15 +73,13 @@ class ForwardingStorage(Storage):
         self.inner.delete_prefix(prefix)
 
 
-class RetryingStorage(Storage):
+class RetryingStorage(ForwardingStorage):
     """Retries transient failures; permanent ones raise at once. ``read_ranges`` repeats only the
     ranges that failed, so one flaky request out of a hundred in flight costs one request."""
 
     def __init__(self, inner: Storage, policy: RetryPolicy | None = None) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.policy = policy or RetryPolicy()
-        self.url = inner.url
-        self.stats = inner.stats
 
     def _backoff(self, attempt: int, requests: int) -> None:
         wait = self.policy.delay(attempt)
@@ -95,6 +106,9 @@ class RetryingStorage(Storage):
 
     def read(self, key: str) -> bytes:
         return self._call("read", key, lambda: self.inner.read(key))
+
+    def read_into(self, key: str, out: memoryview) -> int:
+        return self._call("read", key, lambda: self.inner.read_into(key, out))
 
     def read_range(self, key: str, start: int, end: int) -> bytes:
         return self.read_ranges([(key, start, end)])[0]
@@ -136,8 +150,8 @@ class RetryingStorage(Storage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._call("write", key, lambda: self.inner.write(key, data, durable=durable))
 
-    def sync(self) -> None:
-        self.inner.sync()
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        self._call("write", key, lambda: self.inner.overwrite(key, data))
 
     def size(self, key: str) -> int:
         return self._call("stat", key, lambda: self.inner.size(key))
@@ -149,47 +163,57 @@ class RetryingStorage(Storage):
         self._call("delete", prefix, lambda: self.inner.delete_prefix(prefix))
 
 
-class LatencyStorage(Storage):
+class LatencyStorage(ForwardingStorage):
     """Adds ``seconds`` to every request; ``read_ranges`` pays it once per batch of ranges,
     as concurrent requests would."""
 
     def __init__(self, inner: Storage, seconds: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seconds = seconds
-        self.url = inner.url
-        self.stats = inner.stats
+
+    def _wait(self) -> None:
+        time.sleep(self.seconds)
 
     def read(self, key: str) -> bytes:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.read(key)
 
+    def read_into(self, key: str, out: memoryview) -> int:
+        self._wait()
+        return self.inner.read_into(key, out)
+
     def read_range(self, key: str, start: int, end: int) -> bytes:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.read_range(key, start, end)
 
     def read_ranges(self, ranges: Sequence[Range]) -> list[bytes]:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.read_ranges(ranges)
 
     def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.read_ranges_each(ranges)
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
-        time.sleep(self.seconds)
+        self._wait()
         self.inner.write(key, data, durable=durable)
 
-    def sync(self) -> None:
-        self.inner.sync()
+    def overwrite(self, key: str, data: bytes | memoryview) -> None:
+        self._wait()
+        self.inner.overwrite(key, data)
+
+    def move_prefix(self, src: str, dst: str) -> bool:
+        self._wait()
+        return self.inner.move_prefix(src, dst)
 
     def size(self, key: str) -> int:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.size(key)
 
     def list(self, prefix: str = "") -> dict[str, int]:
-        time.sleep(self.seconds)
+        self._wait()
         return self.inner.list(prefix)
 
     def delete_prefix(self, prefix: str) -> None:
-        time.sleep(self.seconds)
+        self._wait()
         self.inner.delete_prefix(prefix)

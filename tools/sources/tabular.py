@@ -52,6 +52,8 @@ COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")  # CSV / JSON only: columnar format
 _ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 Reader = Callable[[list[str] | None], Iterator[pa.RecordBatch]]
+Opener = Callable[[str], Any]
+"""Opens a file of a remote source for reading (``tools.sources.location``); ``None``: a local path."""
 
 
 def format_of(path: str) -> str | None:
@@ -88,72 +90,84 @@ class _File:
     schema: pa.Schema
     num_rows: int | None
     read: Reader
+    opener: Opener | None = None
+
+    def input(self) -> Any:
+        """What pyarrow readers take: the local path, or an open remote file."""
+        return self.path if self.opener is None else self.opener(self.path)
 
 
-def _parquet(path: str) -> _File:
-    pf = pq.ParquetFile(path)
+def _input(path: str, opener: Opener | None) -> Any:
+    return path if opener is None else opener(path)
+
+
+def _parquet(path: str, opener: Opener | None = None) -> _File:
+    pf = pq.ParquetFile(_input(path, opener))
     md = pf.metadata
     row_bytes = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups)) // max(1, md.num_rows)
 
     def read(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        yield from pq.ParquetFile(path).iter_batches(batch_size=batch_rows(row_bytes), columns=columns)
+        yield from pq.ParquetFile(_input(path, opener)).iter_batches(
+            batch_size=batch_rows(row_bytes), columns=columns
+        )
 
-    return _File(path=path, schema=pf.schema_arrow, num_rows=md.num_rows, read=read)
+    return _File(path=path, schema=pf.schema_arrow, num_rows=md.num_rows, read=read, opener=opener)
 
 
-def _csv(path: str) -> _File:
+def _csv(path: str, opener: Opener | None = None) -> _File:
     opts = pcsv.ReadOptions(block_size=BATCH_BYTES // 2)
-    with pcsv.open_csv(path, read_options=opts) as r:
+    with pcsv.open_csv(_input(path, opener), read_options=opts) as r:
         schema = r.schema
 
     def read(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
         convert = pcsv.ConvertOptions(include_columns=columns) if columns is not None else None
-        with pcsv.open_csv(path, read_options=opts, convert_options=convert) as r:
+        with pcsv.open_csv(_input(path, opener), read_options=opts, convert_options=convert) as r:
             yield from r
 
     return _File(path=path, schema=schema, num_rows=None, read=read)
 
 
-def _jsonl(path: str) -> _File:
+def _jsonl(path: str, opener: Opener | None = None) -> _File:
     opts = pjson.ReadOptions(block_size=BATCH_BYTES // 2)
-    with pjson.open_json(path, read_options=opts) as r:
+    with pjson.open_json(_input(path, opener), read_options=opts) as r:
         schema = r.schema
 
     def read(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        with pjson.open_json(path, read_options=opts) as r:
+        with pjson.open_json(_input(path, opener), read_options=opts) as r:
             for b in r:
                 yield b if columns is None else b.select(columns)
 
     return _File(path=path, schema=schema, num_rows=None, read=read)
 
 
-def _arrow(path: str) -> _File:
+def _arrow(path: str, opener: Opener | None = None) -> _File:
     """Arrow IPC file format (Feather v2), else the IPC stream format."""
+    open_ = (lambda: pa.OSFile(path)) if opener is None else (lambda: opener(path))
     try:
-        with pa.OSFile(path) as f, ipc.open_file(f) as r:
+        with open_() as f, ipc.open_file(f) as r:
             schema, num_rows = r.schema, r.count_rows()
 
         def read(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-            with pa.OSFile(path) as f, ipc.open_file(f) as r:
+            with open_() as f, ipc.open_file(f) as r:
                 for i in range(r.num_record_batches):
                     b = r.get_batch(i)
                     yield b if columns is None else b.select(columns)
 
-        return _File(path=path, schema=schema, num_rows=num_rows, read=read)
+        return _File(path=path, schema=schema, num_rows=num_rows, read=read, opener=opener)
     except pa.ArrowInvalid:
         pass
-    with pa.OSFile(path) as f, ipc.open_stream(f) as r:
+    with open_() as f, ipc.open_stream(f) as r:
         schema = r.schema
 
     def read_stream(columns: list[str] | None) -> Iterator[pa.RecordBatch]:
-        with pa.OSFile(path) as f, ipc.open_stream(f) as r:
+        with open_() as f, ipc.open_stream(f) as r:
             for b in r:
                 yield b if columns is None else b.select(columns)
 
     return _File(path=path, schema=schema, num_rows=None, read=read_stream)
 
 
-_OPENERS: dict[str, Callable[[str], _File]] = {
+_OPENERS: dict[str, Callable[[str, Opener | None], _File]] = {
     "parquet": _parquet,
     "csv": _csv,
     "jsonl": _jsonl,
@@ -161,9 +175,9 @@ _OPENERS: dict[str, Callable[[str], _File]] = {
 }
 
 
-def _open_file(path: str, fmt: str) -> _File:
+def _open_file(path: str, fmt: str, opener: Opener | None = None) -> _File:
     try:
-        return _OPENERS[fmt](path)
+        return _OPENERS[fmt](path, opener)
     except _ERRORS as exc:
         raise InputError(f"{path}: not a readable {fmt} file: {_first_line(exc)}") from None
 
@@ -212,11 +226,12 @@ def _decode(arr: pa.Array) -> pa.Array:
 class TableSource(Source):
     """One or more files of one tabular format with the same schema; one field per column."""
 
-    def __init__(self, path: str, files: list[str], fmt: str) -> None:
+    def __init__(self, path: str, files: list[str], fmt: str, opener: Opener | None = None) -> None:
         if not files:
             raise InputError(f"{path}: no {fmt} files")
         self.path = path
-        self.files = [_open_file(f, fmt) for f in files]
+        self.format = fmt
+        self.files = [_open_file(f, fmt, opener) for f in files]
         self.schema = self.files[0].schema
         for f in self.files[1:]:
             _check_same_schema(self.files[0], f)

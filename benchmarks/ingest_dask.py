@@ -1,0 +1,206 @@
+"""Ingest beyond one process: ``tools.ingest --engine dask`` against the single-process engine.
+
+1. **Scaling** on two sources, side by side in one run: a CPU-bound one (zstd-compressed Parquet
+   with float columns, stored as zstd-1 chunks) and a bandwidth-bound one (a ``.npy`` digit array
+   stored raw, codec none). Single process (the default engine, 2 encode threads) vs Dask with 1
+   and 2 worker processes. The LocalCluster is started before the timed runs and reused through
+   ``--scheduler`` (its start-up, several seconds, is reported apart in ``extra``). Baseline of each
+   figure: the single-process ingest of the same source, run alternately in the same loop.
+2. **Commit** (the serial part): building the manifest from N synthetic part results
+   (``assemble_split``) and writing it, for N up to 10,000. Target < 1 s at 10,000.
+3. **Peak RSS per worker** (``VmHWM`` of each worker process after a job), in ``extra``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from benchmarks.common import BenchConfig, Figure, Progress
+from hpstore.format.manifest import Manifest, commit_manifest
+from hpstore.format.parts import FieldPlan, PartResult, SplitPlan, assemble_split
+from hpstore.storage.local import LocalStorage
+from tools.ingest import IngestConfig, ingest
+
+
+def parquet_source(root: Path, mb: int) -> Path:
+    """Float columns with some redundancy (compressible, so encode and decode cost CPU)."""
+    marker = root / f"complete-{mb}"
+    if marker.exists():
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rows = mb * 1_000_000 // (8 * 16 + 8)
+    for i, start in enumerate(range(0, rows, rows // 8)):
+        n = min(rows // 8, rows - start)
+        feats = np.round(rng.normal(size=(n, 16)), 2)
+        table = pa.table(
+            {
+                "features": pa.FixedSizeListArray.from_arrays(pa.array(feats.ravel()), 16),
+                "label": rng.integers(0, 1000, n),
+            }
+        )
+        pq.write_table(table, root / f"part-{i:03d}.parquet", compression="zstd", row_group_size=65536)
+    marker.touch()
+    return root
+
+
+def _ingest_seconds(src: Path, dst: Path, **options: Any) -> tuple[float, int]:
+    shutil.rmtree(dst, ignore_errors=True)
+    result = ingest(IngestConfig(src=str(src), dst=str(dst), progress=False, **options))
+    shutil.rmtree(dst, ignore_errors=True)
+    return result.seconds, result.bytes_in
+
+
+def _worker_peak_mb(client: Any) -> list[float]:
+    def hwm() -> float:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1]) / 1024
+
+    return sorted(client.run(hwm).values())
+
+
+def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Figure]:
+    import distributed
+
+    pq_src = parquet_source(cfg.data_dir / "ingest" / "parquet-dask", 24 if cfg.quick else 128)
+    sources: dict[str, tuple[Path, dict[str, Any]]] = {
+        "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1}),
+        "bandwidth-bound: npy -> raw": (npy, {"codec": "none"}),
+    }
+    dst = cfg.data_dir / "ingest" / "store-dask"
+    figures = []
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        with (
+            distributed.LocalCluster(
+                n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            startup = time.perf_counter() - t0
+            for name, (src, layout) in sources.items():
+                progress(f"ingest: dask x{workers}, {name}")
+                dask_opts: dict[str, Any] = {
+                    "engine": "dask",
+                    "scheduler": cluster.scheduler_address,
+                    **layout,
+                }
+                _ingest_seconds(src, dst, **dask_opts)  # warm-up: imports on the workers
+                single: list[float] = []
+                dask: list[float] = []
+                for i in range(cfg.repeats):  # alternating order, so drift hits both alike
+                    order = [("d", dask_opts), ("s", layout)] if i % 2 else [("s", layout), ("d", dask_opts)]
+                    for which, opts in order:
+                        seconds, nbytes = _ingest_seconds(src, dst, **opts)
+                        (dask if which == "d" else single).append(nbytes / 1e6 / seconds)
+                figures.append(
+                    Figure(
+                        bench="ingest",
+                        name=f"{name}, dask {workers} worker{'s' if workers > 1 else ''} ({nbytes / 1e6:.0f} MB)",
+                        unit="MB/s",
+                        values=dask,
+                        baseline="single process (2 encode threads)",
+                        baseline_values=single,
+                        target="≥ 1.7x with 2 workers (CPU-bound)"
+                        if workers == 2 and "CPU" in name
+                        else None,
+                        extra={
+                            "cluster_startup_s": startup,
+                            "worker_peak_rss_mb": _worker_peak_mb(client),
+                            "layout": layout,
+                        },
+                    )
+                )
+    shutil.rmtree(dst, ignore_errors=True)
+    return figures
+
+
+def commit_seconds(root: Path, partitions: int) -> float:
+    """Seconds to assemble and commit a split of ``partitions`` synthetic parts (2 fields: one
+    array shard and one Arrow part of 8 batches each), metadata objects and manifest included."""
+    shutil.rmtree(root, ignore_errors=True)
+    storage = LocalStorage(str(root))
+    gen = "data-20260101T000000-00000000"
+    plan = SplitPlan(
+        generation=gen,
+        split="train",
+        num_samples=partitions * 800,
+        chunk_rows=100,
+        chunks_per_shard=8,
+        fields=(
+            FieldPlan(
+                name="x", kind="array", dtype="float32", shape=(16,), codec={"name": "zstd", "level": 1}
+            ),
+            FieldPlan(name="s", kind="variable", arrow_type=pa.string()),
+        ),
+        codec={"name": "zstd", "level": 1},
+        attrs={},
+    )
+    results = [
+        PartResult(
+            split="train",
+            first_shard=p,
+            rows=800,
+            source_bytes=1 << 20,
+            objects=(
+                (f"{gen}/train/x/c/{p}/0", 60000, "0badf00d"),
+                (f"{gen}/train/s/part-{p:05d}.arrow", 9000, "0badf00d"),
+            ),
+            arrow_parts=(
+                (
+                    "s",
+                    p,
+                    f"{gen}/train/s/part-{p:05d}.arrow",
+                    tuple((o * 1000, 900, "0badf00d") for o in range(8)),
+                ),
+            ),
+            variable_nbytes=(("s", 9000),),
+        )
+        for p in range(partitions)
+    ]
+    t0 = time.perf_counter()
+    spec, objects = assemble_split(storage, plan, reversed(results))  # arrival order: any
+    commit_manifest(storage, Manifest(generation=gen, splits={"train": spec}, objects=objects))
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(root, ignore_errors=True)
+    return seconds
+
+
+def commit_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
+    root = cfg.data_dir / "ingest" / "commit"
+    figures = []
+    for n in (100, 1000, 10000):
+        progress(f"ingest: commit of {n} partitions")
+        figures.append(
+            Figure(
+                bench="ingest",
+                name=f"commit of {n} partitions (synthetic results, local disk)",
+                unit="s",
+                values=[commit_seconds(root, n) for _ in range(cfg.repeats)],
+                higher_is_better=False,
+                target="< 1 s" if n == 10000 else None,
+            )
+        )
+    return figures
+
+
+def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[Figure]:
+    """Also runs alone: ``python -m benchmarks --only ingest_dask [--quick]``."""
+    if npy is None:
+        from benchmarks.ingest import npy_source
+
+        npy = npy_source(cfg, 48 if cfg.quick else 256)
+    try:
+        import distributed  # noqa: F401
+    except ImportError:
+        progress("ingest: dask not installed (pip install 'hpstore[dask]'); dask figures skipped")
+        return commit_figures(cfg, progress)
+    return commit_figures(cfg, progress) + scaling_figures(cfg, progress, npy)
