@@ -46,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from hpstore.checkpoint.checkpointer import Checkpointer
 
         return Checkpointer
+    if name == "images":
+        import hpstore.images
+
+        return hpstore.images
     if name == "Loader":
         from hpstore.loading.loader import Loader
 

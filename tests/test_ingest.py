@@ -22,6 +22,7 @@ import hpstore
 from hpstore.format.manifest import MANIFEST_KEY
 from hpstore.format.verify import verify
 from hpstore.storage.open import open_storage
+from tests.support.images import encode, picture
 from tests.support.ingest_data import mnist_like, read_all, write_idx, write_mnist_dir
 from tools.ingest import main
 
@@ -247,7 +248,11 @@ def test_imagefolder(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None
         for i in range(5 + label):
             sub = tmp_path / "src" / cls / ("nested" if i % 2 else "")
             sub.mkdir(parents=True, exist_ok=True)
-            payload = rng.bytes(int(rng.integers(10, 3000)))
+            # Real images: the ingest decodes each one to check it (random bytes would be refused).
+            payload = encode(
+                picture(label * 10 + i, *(int(v) for v in rng.integers(8, 40, 2))),
+                "png" if i == 0 else "jpeg",
+            )
             (sub / f"{i:03d}.PNG" if i == 0 else sub / f"{i:03d}.jpg").write_bytes(payload)
             expected.append((str(sub / f"{i:03d}"), payload, label))
     (tmp_path / "src" / "cat" / "notes.txt").write_text("not an image")

@@ -24,6 +24,7 @@ LAYER = {
     "dataset": 5,
     "loading": 6,
     "checkpoint": 6,  # a peer of loading: neither imports the other
+    "images": 6,  # a peer of loading: the loader calls transforms through a protocol (batch.FieldTransform)
     "tokens": 7,  # views over a split that the loader streams
 }
 

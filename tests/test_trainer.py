@@ -172,8 +172,8 @@ def test_usage_errors_exit_2_in_a_real_process(store: str) -> None:
         r.returncode == 2
         and r.stderr.strip() == "python -m trainer: error: --batch-size must be at least 1, got 0"
     )
-    r = run_trainer(["--data", store, "--model", "resnet"])
-    assert r.returncode == 2 and "invalid choice: 'resnet'" in r.stderr
+    r = run_trainer(["--data", store, "--model", "vit"])
+    assert r.returncode == 2 and "invalid choice: 'vit'" in r.stderr
 
 
 @pytest.mark.parametrize(

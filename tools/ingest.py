@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from tqdm import tqdm
@@ -36,6 +36,7 @@ from hpstore.format.manifest import Manifest
 from hpstore.format.writer import Layout, StoreWriter
 from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
 from hpstore.storage.open import is_local, open_storage
+from tools import prepare as prep
 from tools.sources import FORMATS, Split, open_splits
 from tools.sources.base import batch_nbytes, check_field_name
 from tools.sources.location import has_glob, is_url, open_location_splits
@@ -69,6 +70,7 @@ class IngestConfig:
     progress: bool = True
     engine: str = "local"
     scheduler: str | None = None
+    prepare: prep.PrepareOptions = field(default_factory=prep.PrepareOptions)
 
     def __post_init__(self) -> None:
         if self.format is not None and self.format not in FORMATS:
@@ -116,6 +118,7 @@ class IngestConfig:
                 "codec": layout.codec,
                 "workers": layout.workers,
                 "overwrite": self.overwrite,
+                **self.prepare.record(),
             },
         }
 
@@ -210,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)"
     )
+    prep.add_arguments(p)
     return p
 
 
@@ -241,6 +245,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         progress=not a.no_progress,
         engine=a.engine,
         scheduler=a.scheduler,
+        prepare=prep.from_args(a),
     )
 
 
@@ -306,6 +311,10 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
     """Run one ingest. Raises ``HpstoreError`` / ``OSError``; DST is unchanged unless it returns."""
     t0 = time.perf_counter()
     splits = _open_splits(cfg)
+    if cfg.engine == "local":
+        splits = prep.prepare(splits, cfg.prepare)
+    elif cfg.prepare.active:
+        raise InputError("--holdout, --skip-bad and the --image-* options need --engine local")
     _check_destination(cfg.dst)
     storage = open_storage(cfg.dst, dict(cfg.storage_options))
     known = [s.source.num_rows for s in splits]
@@ -341,6 +350,8 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
             manifest = writer.commit()
     finally:
         progress.close()
+    for line in prep.report(splits):
+        print(line, file=stream)
     return IngestResult(
         manifest=manifest,
         samples=progress.samples,

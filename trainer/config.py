@@ -17,7 +17,7 @@ from hpstore.errors import InputError
 from hpstore.loading.options import LoaderOptions
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
-ModelName = Literal["mlp", "cnn", "linear", "gpt"]
+ModelName = Literal["mlp", "cnn", "linear", "gpt", "resnet"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
 
@@ -66,6 +66,7 @@ class TrainConfig:
     gpt_heads: int = 4
     gpt_width: int = 256
     respect_documents: bool = False
+    image_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -101,6 +102,8 @@ class TrainConfig:
             _positive(flag, value)
         if self.step_delay < 0:
             raise InputError("--step-delay must not be negative")
+        if self.image_size is not None and self.image_size < 8:
+            raise InputError(f"--image-size must be at least 8, got {self.image_size}")
 
     def loader_options(self) -> LoaderOptions:
         """The training loader's options from the flags (``TRAINER_LOADER`` with them applied)."""
@@ -139,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
     p.add_argument(
         "--model",
-        choices=["mlp", "cnn", "linear", "gpt"],
+        choices=["mlp", "cnn", "linear", "gpt", "resnet"],
         default=d.model,
-        help="linear: I/O-bound experiments; gpt: a decoder-only transformer on a token store",
+        help="linear: I/O-bound experiments; gpt: a decoder-only transformer on a token store; "
+        "resnet: a small residual net for 32-128 px images",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
@@ -218,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--respect-documents", action="store_true", help="windows hold whole documents (padding + loss mask)"
     )
+    p.add_argument(
+        "--image-size",
+        type=int,
+        help="crop size for stores of encoded images (default 64): random resized crops, centre crops for eval",
+    )
     return p
 
 
@@ -259,4 +268,5 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         gpt_heads=a.gpt_heads,
         gpt_width=a.gpt_width,
         respect_documents=a.respect_documents,
+        image_size=a.image_size,
     )

@@ -1,4 +1,5 @@
-"""The models: a small MLP, a small two-convolution CNN and a linear classifier, shaped by the Task.
+"""The models: a small MLP, a small two-convolution CNN, a linear classifier and a small ResNet,
+shaped by the Task.
 
 Both take the stored input as it arrives (uint8 or float, on the device) and normalise it first, so
 batches cross to the GPU in their compact stored dtype. Image layout: ``[H, W]`` is one channel,
@@ -114,7 +115,57 @@ class CNN(nn.Module):
         return self.head(self.features(self.norm(x)))
 
 
-MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "linear": Linear}
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and a shortcut (1x1 projection when the shape changes)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """A small ResNet for 32-128 px images: a 3x3 stem (stride 2 from 64 px up), then stages of
+    width 32, 64, 128, 256 (one block each, stride 2 between), global average pool, linear head."""
+
+    def __init__(self, task: Task, width: int = 32) -> None:
+        super().__init__()
+        layout, c, h, w = image_layout(task.input_shape)
+        if h < 8 or w < 8:
+            raise InputError(f"--model resnet needs images of at least 8x8 pixels, got {h}x{w}")
+        self.norm = Normalize(task, image_layout=layout)
+        stem_stride = 2 if min(h, w) >= 64 else 1
+        widths = [width, 2 * width, 4 * width, 8 * width]
+        stages: list[nn.Module] = [
+            nn.Conv2d(c, width, 3, stride=stem_stride, padding=1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
+        cin = width
+        for i, cout in enumerate(widths):
+            stages.append(ResidualBlock(cin, cout, 1 if i == 0 else 2))
+            cin = cout
+        self.features = nn.Sequential(*stages, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(cin, task.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(self.norm(x)))
+
+
+MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "linear": Linear, "resnet": ResNet}
 
 
 def build_model(name: str, task: Task) -> nn.Module:

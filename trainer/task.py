@@ -16,6 +16,7 @@ import numpy as np
 
 from hpstore.dataset import Dataset, FieldInfo, Store
 from hpstore.errors import InputError
+from trainer import images
 
 LABEL_SCAN_ROWS = 1 << 20
 """Rows read per request while scanning the label column."""
@@ -56,10 +57,18 @@ def check_split(store: Store, name: str, fields: Sequence[str]) -> Dataset:
     return ds
 
 
-def build_task(train: Dataset, evals: Sequence[Dataset], input_field: str, target_field: str) -> Task:
-    """Check the input and label fields of the splits used and derive the model's task."""
+def build_task(
+    train: Dataset,
+    evals: Sequence[Dataset],
+    input_field: str,
+    target_field: str,
+    image_size: int | None = None,
+) -> Task:
+    """Check the input and label fields of the splits used and derive the model's task. Encoded
+    images (``trainer.images``) become ``3 x image_size x image_size`` uint8 crops."""
     where = f"{train.store.url}: split {train.name!r}"
-    x = _input_info(train.fields[input_field], where)
+    encoded = images.is_encoded(train.fields[input_field])
+    x = train.fields[input_field] if encoded else _input_info(train.fields[input_field], where)
     _label_info(train.fields[target_field], where)
     for ds in evals:
         other = ds.fields[input_field]
@@ -79,12 +88,17 @@ def build_task(train: Dataset, evals: Sequence[Dataset], input_field: str, targe
         num_classes = largest + 1
     if num_classes < 2:
         raise InputError(f"{where}: field {target_field!r} has fewer than 2 classes")
-    scale, mean, std = _input_stats(train, input_field)
+    if encoded:
+        shape, mean, std = images.input_stats(train, input_field, image_size)
+        scale, dtype = 1 / 255, "uint8"
+    else:
+        scale, mean, std = _input_stats(train, input_field)
+        shape, dtype = tuple(x.shape or ()), x.dtype
     return Task(
         input_field=input_field,
         target_field=target_field,
-        input_shape=tuple(x.shape or ()),
-        input_dtype=x.dtype,
+        input_shape=shape,
+        input_dtype=dtype,
         num_classes=num_classes,
         class_names=tuple(str(n) for n in names) if names else None,
         scale=scale,

@@ -24,7 +24,7 @@ import hpstore
 from hpstore.dataset import Dataset, Store
 from hpstore.errors import HpstoreError, StorageError
 from hpstore.loading.loader import Loader
-from trainer import distributed, lm
+from trainer import distributed, images, lm
 from trainer.checkpointing import Position, RunCheckpoints, run_meta
 from trainer.config import AUTO_EVAL, TrainConfig
 from trainer.distributed import Dist
@@ -94,6 +94,7 @@ def make_loader(ds: Dataset, cfg: TrainConfig, dist: Dist, *, train: bool, with_
         world_size=dist.world_size,
         with_index=with_index,
         cache_dir=cfg.cache_dir if train else None,  # eval reads each sample once: nothing to keep
+        transforms=images.transforms(ds, cfg.input, cfg.image_size, train=train),
     )
 
 
@@ -138,7 +139,9 @@ class Trainer:
         evals = [self.eval_ds] if self.eval_ds else []
         gpt = cfg.model == "gpt"  # language modelling: trainer.lm supplies task, model, loader, feeder, eval
         self.task: Task = (
-            lm.lm_task(train_ds, evals, cfg) if gpt else build_task(train_ds, evals, cfg.input, cfg.target)
+            lm.lm_task(train_ds, evals, cfg)
+            if gpt
+            else build_task(train_ds, evals, cfg.input, cfg.target, cfg.image_size)
         )
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank

@@ -22,13 +22,14 @@ A null list counts as empty; nulls inside a list of numbers become 0.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from hpstore.errors import InputError
 from hpstore.format.chunks import Chunk, _schema
 from hpstore.format.manifest import FieldSpec
 from hpstore.loading.plan import Window
@@ -54,6 +55,22 @@ def is_padded(f: FieldSpec) -> bool:
 Take = Callable[[tuple[int, ...], np.dtype[Any]], torch.Tensor]
 """Where a window's rows go: an uninitialised CPU tensor of the given shape and dtype (see
 ``hpstore.loading.buffers``)."""
+
+
+class FieldTransform(Protocol):
+    """Turns a window's rows of one field into a fixed-shape array (``hpstore.images`` implements it).
+
+    Called on the window builder's thread with the gathered rows (an Arrow array, or an array for
+    fixed-shape fields), the rows' global sample indices and the loader's seed and epoch (so random
+    augmentations are reproducible), and ``out``, the uninitialised batch buffer of shape
+    ``(rows, *output(values)[0])``. Fills ``out``; returns the positions of rows it could not
+    produce (the window then fills them with another of its rows, in every field)."""
+
+    def output(self, values: Any) -> tuple[tuple[int, ...], np.dtype[Any]]: ...
+
+    def __call__(
+        self, values: Any, out: np.ndarray, *, indices: np.ndarray, seed: int, epoch: int, field: str
+    ) -> np.ndarray: ...
 
 
 def shared_array(shape: tuple[int, ...], dtype: np.dtype[Any]) -> torch.Tensor:
@@ -166,17 +183,24 @@ def assemble(
     padded_fields: frozenset[str],
     with_index: bool,
     pin: bool = False,
+    transforms: Mapping[str, FieldTransform] | None = None,
+    seed: int = 0,
+    epoch: int = 0,
 ) -> WindowRows:
     """Gather every requested field of ``window`` from its decoded chunks into arrays from
     ``take``; ``padded_fields`` are the variable fields to convert to padded tensors (``is_padded``),
-    pinned when ``pin``."""
+    pinned when ``pin``. Fields in ``transforms`` go through their transform (``FieldTransform``)."""
     columns: dict[str, torch.Tensor | pa.Array] = {}
+    skipped: list[np.ndarray] = []
     for name, f in fields.items():
 
         def of(cid: int, name: str = name) -> Chunk:
             return chunk_of(name, cid)
 
-        if f.is_array:
+        if transforms and name in transforms:
+            columns[name], bad = _transformed(window, f, of, take, transforms[name], name, seed, epoch)
+            skipped.append(bad)
+        elif f.is_array:
             dtype = np.dtype(f.dtype or "u1").newbyteorder("=")
             out = take((window.rows, *(f.shape or ())), dtype)
             gather_rows(window, of, out.numpy())
@@ -188,4 +212,50 @@ def assemble(
         idx = window.indices()
         index = take(idx.shape, idx.dtype)
         index.numpy()[:] = idx
+    bad = np.unique(np.concatenate(skipped)) if skipped else np.empty(0, np.int64)
+    if bad.size:
+        _replace_rows(columns, index, bad)
     return WindowRows(window, columns, padded_fields, index=index, pin=pin)
+
+
+def _transformed(
+    window: Window,
+    f: FieldSpec,
+    chunk_of: ChunkOf,
+    take: Take,
+    transform: FieldTransform,
+    name: str,
+    seed: int,
+    epoch: int,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """A transformed field's window: its gathered rows handed to the transform with a buffer."""
+    if f.is_array:
+        values: Any = np.empty((window.rows, *(f.shape or ())), np.dtype(f.dtype or "u1").newbyteorder("="))
+        gather_rows(window, chunk_of, values)
+    else:
+        values = gather_variable(window, chunk_of)
+    shape, dtype = transform.output(values)
+    out = take((window.rows, *shape), dtype)
+    bad = transform(values, out.numpy(), indices=window.indices(), seed=seed, epoch=epoch, field=name)
+    return out, np.asarray(bad, dtype=np.int64)
+
+
+def _replace_rows(
+    columns: dict[str, torch.Tensor | pa.Array], index: torch.Tensor | None, bad: np.ndarray
+) -> None:
+    """Fill each skipped row with the next good row of the window (cyclically), in every column, so
+    batches keep their size and fields stay aligned. Deterministic: depends only on the window."""
+    rows = len(index) if index is not None else len(next(iter(columns.values())))
+    good = np.setdiff1d(np.arange(rows), bad)
+    if good.size == 0:
+        raise InputError(f"every one of the {rows} rows of a window was skipped as unreadable")
+    pos = np.searchsorted(good, bad) % good.size
+    source = np.arange(rows)
+    source[bad] = good[pos]
+    for name, col in columns.items():
+        if isinstance(col, torch.Tensor):
+            col[torch.from_numpy(bad)] = col[torch.from_numpy(good[pos])]
+        else:
+            columns[name] = col.take(pa.array(source))
+    if index is not None:
+        index[torch.from_numpy(bad)] = index[torch.from_numpy(good[pos])]

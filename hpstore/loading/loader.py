@@ -48,6 +48,9 @@ Semantics worth knowing:
 - ``cache_dir`` adds a local-disk tier below the RAM cache for remote stores: raw chunk bytes, at
   most ``cache_disk_bytes``, verified before use, kept across restarts, shareable by processes, and
   evicted by the same plan (``hpstore.loading.disk_cache``).
+- ``transforms={"image": hpstore.images.RandomResizedCrop(224)}`` runs a per-field transform on
+  each window's rows in the window builders (decode, crop, flip into the batch buffer); the field
+  then arrives as a fixed-shape tensor. See ``hpstore/images/README.md``.
 - Errors from background work (a corrupt chunk names its object; a vanished object) re-raise in the
   consumer at the batch that needed it; the position stays at the last batch delivered.
 """
@@ -58,7 +61,7 @@ import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
@@ -175,7 +178,13 @@ class Loader:
     """Batches of one split as dicts of torch tensors; see the module docstring."""
 
     def __init__(
-        self, ds: Dataset, batch_size: int, options: LoaderOptions | None = None, **changes: Any
+        self,
+        ds: Dataset,
+        batch_size: int,
+        options: LoaderOptions | None = None,
+        *,
+        transforms: Mapping[str, batching.FieldTransform] | None = None,
+        **changes: Any,
     ) -> None:
         """``options`` (default ``LoaderOptions()``) with ``changes`` applied: any of its fields as
         keyword arguments, e.g. ``Loader(ds, 256, num_workers=2)``."""
@@ -196,7 +205,15 @@ class Loader:
             first_window_chunks=o.first_window,
         )
         self.fields = {name: ds.spec.fields[name] for name in ds.field_names(o.fields)}
-        self.padded_fields = frozenset(n for n, f in self.fields.items() if batching.is_padded(f))
+        # Per-field transforms (e.g. hpstore.images.RandomResizedCrop), run by the window builders;
+        # objects with state, so a keyword of their own rather than a LoaderOptions field.
+        self.transforms = dict(transforms or {})
+        unknown = sorted(set(self.transforms) - set(self.fields))
+        if unknown:
+            raise InputError(f"transforms name fields that are not loaded: {', '.join(unknown)}")
+        self.padded_fields = frozenset(
+            n for n, f in self.fields.items() if batching.is_padded(f) and n not in self.transforms
+        )
         self._check_keys(o.with_index)
         self.num_workers = o.num_workers
         self.prefetch_bytes = o.prefetch_bytes
@@ -210,6 +227,7 @@ class Loader:
         # Enough recycled buffers per kind for every window in flight plus the one being consumed.
         self.buffers = BufferPool(pin=self.pin_memory, limit=o.num_workers + 3)
         self._row_bytes = sum(_row_bytes(f, len(ds)) for f in self.fields.values())
+        self._row_bytes += sum(getattr(t, "row_bytes", 0) for t in self.transforms.values())
         self._io = LoaderStats()
         # Optional local-disk tier under the RAM cache (``hpstore.loading.disk_cache``): raw chunk bytes,
         # evicted with the same plan, which it follows through the RAM cache's policy.
@@ -336,6 +354,10 @@ class Loader:
         )
         if self.disk_cache is not None:
             out.update({f"disk_{k}": v for k, v in self.disk_cache.stats.as_dict().items()})
+        for name, t in self.transforms.items():
+            counters = getattr(t, "stats", None)
+            if counters is not None:
+                out.update({f"{name}_{k}": v for k, v in counters.as_dict().items()})
         return out
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -491,6 +513,9 @@ class _Builder:
             padded_fields=loader.padded_fields,
             with_index=loader.with_index,
             pin=loader.pin_memory,
+            transforms=loader.transforms,
+            seed=loader.spec.seed,
+            epoch=self.plan.epoch,
         )
         loader._io.add(gather_seconds=time.perf_counter() - t0, windows=1)
         return rows

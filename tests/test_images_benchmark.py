@@ -1,0 +1,36 @@
+"""The images benchmark's own parts on synthesised files: the baseline datasets produce what the
+loader produces (shapes, dtype), the decode limit runs, the crop helper keeps inside the image."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks.images import PILArray, PILFolder, decode_limit, folder_files, rrc_params
+from tests.support.images import image_folder
+
+
+def test_baselines_and_limit_on_a_small_folder(tmp_path: Path) -> None:
+    root = Path(
+        image_folder(str(tmp_path / "src"), classes=2, per_class=4, sizes=(60, 120), kinds=("jpeg", "png"))
+    )
+    files = folder_files(root)
+    assert len(files) == 8 and {label for _, label in files} == {0, 1}
+    for draft in (False, True):
+        x, label = PILFolder(files, 32, draft)[3]
+        assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and label == files[3][1]
+    x, _ = PILArray(np.zeros((2, 32, 32, 3), np.uint8), 32)[1]
+    assert x.shape == (3, 32, 32)
+    blobs = [Path(p).read_bytes() for p, _ in files]
+    assert decode_limit(blobs, None) > 0 and decode_limit(blobs, 16) > 0
+
+
+def test_rrc_params_stay_inside() -> None:
+    rng = random.Random(0)
+    for h, w in [(300, 500), (20, 1000), (7, 7)]:
+        for _ in range(200):
+            top, left, ch, cw = rrc_params(h, w, rng)
+            assert top >= 0 and top + ch <= h and left >= 0 and left + cw <= w and ch > 0 and cw > 0
