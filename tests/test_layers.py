@@ -18,6 +18,7 @@ LAYER = {
     "checksum": 1,
     "threads": 1,
     "options": 1,
+    "memory": 1,
     "storage": 2,
     "format": 3,
     "gather": 4,

@@ -385,10 +385,10 @@ def test_malloc_tuning_is_applied_once_and_can_be_switched_off() -> None:
     import subprocess
     import sys
 
-    from hpstore.loading.memory import keep_freed_memory
+    from hpstore.memory import keep_freed_memory
 
     assert keep_freed_memory() == keep_freed_memory()
-    code = "from hpstore.loading.memory import keep_freed_memory; print(keep_freed_memory())"
+    code = "from hpstore.memory import keep_freed_memory; print(keep_freed_memory())"
     env = {**os.environ, "HPSTORE_MALLOC_TUNING": "0"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

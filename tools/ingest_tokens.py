@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 from hpstore.errors import HpstoreError, InputError, StorageError
 from hpstore.format.manifest import Manifest
 from hpstore.format.writer import SplitWriter, StoreWriter
+from hpstore.memory import bound_heap
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 from hpstore.storage.open import is_local, open_storage
 from hpstore.tokens.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
@@ -51,7 +52,6 @@ from tools.ingest import (
     _check_destination,
     _message,
     _remove_empty_dirs,
-    bound_malloc,
 )
 from tools.sources.base import check_field_name
 from tools.sources.prefetch import prefetched
@@ -298,7 +298,7 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
 
 
 def main(argv: Sequence[str]) -> int:
-    bound_malloc()
+    bound_heap()
     try:
         cfg = parse_args(argv)
     except HpstoreError as exc:

@@ -44,7 +44,7 @@ Semantics worth knowing:
   ``hpstore.loading.batch``. ``with_index=True`` adds ``index``, the global sample index of each row.
 - Memory: decoded chunks up to ``cache_bytes``, plus windows in flight up to ``prefetch_bytes`` (at
   least one window per worker), plus the window being consumed; flat across epochs (the loader tunes
-  glibc malloc once per process so freed chunk buffers are reused: ``hpstore.loading.memory``).
+  glibc malloc once per process so freed chunk buffers are reused: ``hpstore.memory``).
 - ``cache_dir`` adds a local-disk tier below the RAM cache for remote stores: raw chunk bytes, at
   most ``cache_disk_bytes``, verified before use, kept across restarts, shareable by processes, and
   evicted by the same plan (``hpstore.loading.disk_cache``).
@@ -77,7 +77,6 @@ from hpstore.loading import batch as batching
 from hpstore.loading.buffers import BufferPool
 from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, Policy
 from hpstore.loading.disk_cache import ChunkDiskCache
-from hpstore.loading.memory import keep_freed_memory
 from hpstore.loading.options import (
     DEFAULT_CACHE_BYTES,
     DEFAULT_CACHE_DISK_BYTES,
@@ -88,6 +87,7 @@ from hpstore.loading.options import (
 )
 from hpstore.loading.plan import EpochPlan, History, PlanSpec
 from hpstore.loading.prefetch import Prefetcher
+from hpstore.memory import keep_freed_memory
 from hpstore.storage.base import Range
 
 __all__ = [
@@ -191,7 +191,7 @@ class Loader:
         self.created = time.perf_counter()
         self.options = o = LoaderOptions.of(options, **changes)
         self.dataset = ds
-        keep_freed_memory()  # reuse chunk buffers instead of faulting in fresh pages (hpstore.loading.memory)
+        keep_freed_memory()  # reuse chunk buffers instead of faulting in fresh pages (hpstore.memory)
         self.rank, self.world_size = resolve_world(o.rank, o.world_size)
         self.spec = PlanSpec(
             num_samples=len(ds),

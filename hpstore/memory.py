@@ -1,4 +1,17 @@
-"""Memory: stop the C allocator from returning freed chunk buffers to the OS between windows.
+"""Memory: how the C allocator treats freed buffers, one policy per kind of process.
+
+Two workloads want opposite things, so each process picks one profile, once:
+
+- ``keep_freed_memory`` (the loader, the trainer): a long-lived process that frees and re-allocates
+  the same buffer sizes every window. Keep freed memory for reuse; the loader's byte budgets bound
+  the high-water mark.
+- ``bound_heap`` (ingest): a streaming pass over a source of any size. Large buffers get their own
+  mappings and go back to the system when freed, so the peak stays flat in the source size.
+
+A process that has chosen a profile keeps it: a second call of the other profile is refused
+(returns False) rather than silently flipping the settings under the first one's feet.
+
+The loader's profile:
 
 Every chunk the loader reads and decodes is a fresh buffer of about a megabyte (``os.pread``'s
 ``bytes``, the codec's output). glibc serves those from its heap and, when a window's worth of them
@@ -32,20 +45,40 @@ TRIM_THRESHOLD = 1 << 30  # free heap memory kept before any is handed back
 ARENA_MAX = 2
 ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
 
+BOUND_MMAP_THRESHOLD = 256 << 10
+"""``bound_heap``: allocations of this size and more get their own mapping, returned on free.
+glibc otherwise raises its mmap threshold each time a large block is freed, after which batch and
+chunk buffers come from per-thread heaps that fragment; ingest's resident set then grew with the
+dataset (measured: +45 % from 150 MB to 1.2 GB of source); fixed, its peak stays flat."""
+
 _lock = threading.Lock()
-_applied: bool | None = None
+_profile: str | None = None
+_applied = False
 
 
 def keep_freed_memory() -> bool:
-    """Tune glibc malloc once per process (see the module docstring); whether it is in effect."""
-    global _applied
+    """The loader's profile (see the module docstring); whether it is in effect."""
+    return _choose(
+        "keep",
+        ((M_MMAP_THRESHOLD, MMAP_THRESHOLD), (M_TRIM_THRESHOLD, TRIM_THRESHOLD), (M_ARENA_MAX, ARENA_MAX)),
+    )
+
+
+def bound_heap() -> bool:
+    """Ingest's profile (see ``BOUND_MMAP_THRESHOLD``); whether it is in effect."""
+    return _choose("bound", ((M_MMAP_THRESHOLD, BOUND_MMAP_THRESHOLD),))
+
+
+def _choose(profile: str, settings: tuple[tuple[int, int], ...]) -> bool:
+    global _profile, _applied
     with _lock:
-        if _applied is None:
-            _applied = _apply()
-        return _applied
+        if _profile is None:
+            _profile = profile
+            _applied = _apply(settings)
+        return _applied and _profile == profile
 
 
-def _apply() -> bool:
+def _apply(settings: tuple[tuple[int, int], ...]) -> bool:
     if os.environ.get("HPSTORE_MALLOC_TUNING", "1") == "0":
         return False
     if any(k in os.environ for k in ENVIRONMENT):
@@ -60,9 +93,4 @@ def _apply() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    settings = (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
-        (M_ARENA_MAX, ARENA_MAX),
-    )
     return all([bool(mallopt(param, value)) for param, value in settings])
