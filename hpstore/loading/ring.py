@@ -4,12 +4,13 @@ out as tensors, without a copy and without a file descriptor or a pickle per bat
 Each slot is one file in ``/dev/shm`` (tmpfs; the system temp directory where there is none),
 created by the consumer process, mapped once by it and once by each worker that writes into it, and
 reused window after window. A window's columns are views of the slot's mapping, handed to the
-consumer as tensors (``torch.from_numpy`` over a ``memoryview`` of the mapping).
+consumer as tensors (``torch.from_numpy`` over views of one numpy array of the mapping).
 
-When is a slot free again? A window is lent out through a fresh ``memoryview`` of the slot; every
-numpy array and tensor built over it, and every view or slice of those, keeps that memoryview alive
-(numpy records the first non-array owner as the ``base`` of every view), so the slot is free exactly
-when the memoryview's reference count shows the ring's own reference only. A consumer that keeps a
+When is a slot free again? A window is lent out through a fresh flat numpy array over the slot; every
+column is a view of it and every tensor, view or slice built from those keeps it alive (numpy views
+reference it as their ``base``; torch views share a storage that holds the numpy view), so the slot
+is free exactly when that array's reference count shows the ring's own reference only. (Not a
+``memoryview``: ``np.frombuffer`` takes a buffer of its own and does not keep the one it was given.) A consumer that keeps a
 batch therefore keeps its slot, and the ring makes another slot rather than overwrite data someone
 can still see (``BufferPool`` follows the same rule for thread mode).
 
@@ -33,6 +34,8 @@ import tempfile
 import threading
 import weakref
 from dataclasses import dataclass, field
+
+import numpy as np
 
 ALIGN = 64
 """Columns start on cache-line boundaries within a slot."""
@@ -58,7 +61,7 @@ class Slot:
     path: str
     size: int
     mapping: mmap.mmap
-    lent: memoryview | None = field(default=None, repr=False)
+    lent: np.ndarray | None = field(default=None, repr=False)
     busy: bool = False
     """Handed to a worker and not yet returned (a job in flight, or its answer not yet taken)."""
 
@@ -108,11 +111,12 @@ class Ring:
         self.created_bytes += size
         return slot
 
-    def lend(self, slot: Slot, nbytes: int) -> memoryview:
-        """The slot's first ``nbytes`` as a fresh memoryview whose lifetime marks the slot in use."""
+    def lend(self, slot: Slot, nbytes: int) -> np.ndarray:
+        """The slot's first ``nbytes`` as a fresh flat ``uint8`` array whose lifetime (its views' and
+        their tensors') marks the slot in use."""
         with self._lock:
             slot.busy = False
-            slot.lent = memoryview(slot.mapping)[:nbytes]
+            slot.lent = np.frombuffer(slot.mapping, dtype=np.uint8, count=nbytes)
             return slot.lent
 
     def give_back(self, slot: Slot) -> None:

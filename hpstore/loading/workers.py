@@ -262,7 +262,7 @@ class ProcessWindows:
         return rows
 
     def _rows(
-        self, j: int, view: memoryview, layout: dict[str, Any], variable: dict[str, Any], index: Any
+        self, j: int, view: np.ndarray, layout: dict[str, Any], variable: dict[str, Any], index: Any
     ) -> batching.WindowRows:
         columns: dict[str, Any] = {}
         for name in self.pool.setup.fields:
@@ -303,9 +303,10 @@ class ProcessWindows:
         self.pending.clear()
 
 
-def _tensor(view: memoryview, offset: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
-    arr = np.frombuffer(view, dtype=np.dtype(dtype), count=math.prod(shape), offset=offset)
-    return torch.from_numpy(arr.reshape(shape))
+def _tensor(flat: np.ndarray, offset: int, shape: tuple[int, ...], dtype: str) -> torch.Tensor:
+    """A view of the lent slot (it references ``flat``, which marks the slot in use)."""
+    dt = np.dtype(dtype)
+    return torch.from_numpy(flat[offset : offset + math.prod(shape) * dt.itemsize].view(dt).reshape(shape))
 
 
 # -- exceptions across the process boundary ----------------------------------------------------------
