@@ -571,7 +571,7 @@ class _Run:
                 self.close()
                 raise
             finally:
-                loader._io.add(wait_seconds=time.perf_counter() - t0)
+                loader._io.wait_seconds += time.perf_counter() - t0
             self.k, self.skip = self.skip, 0
         a, b = self.current.window.batch_bounds(self.k)
         out = self.current.batch(self.k)
@@ -583,7 +583,9 @@ class _Run:
             if not loader._io.batches:
                 loader._io.first_batch_seconds = now - loader.created
             self.started = 0.0
-        loader._io.add(batches=1, samples=b - a)
+        io = loader._io  # counters only this thread writes: no lock (the others are added under it)
+        io.batches += 1
+        io.samples += b - a
         return out
 
     def close(self) -> None:
