@@ -155,6 +155,7 @@ class WindowRows:
             if name in views:
                 out[name] = views[name][k]
                 continue
+            assert isinstance(col, pa.Array)
             a, b = self.window.batch_bounds(k)
             part = col.slice(a, b - a)
             if name in self.padded_fields:
