@@ -84,8 +84,10 @@ def consume(batches: Iterator[Any], work: Work, units: int, n: int) -> tuple[flo
 
 def fed_vs_memory(
     ds: hpstore.Dataset, workers: int, work: Work, rate: float, seconds: float, mode: str = "threads"
-) -> tuple[float, float]:
-    """``(slowdown, data-wait fraction)`` of one consumer at ``rate`` samples/s."""
+) -> tuple[float, float, float]:
+    """``(slowdown, data-wait fraction, step slowdown)`` of one consumer at ``rate`` samples/s; the
+    step slowdown leaves the waits out (the consumer's own work made slower by sharing the CPU and
+    the GIL with the loader)."""
     units = calibrate(work, BATCH / rate)
     loader = hpstore.Loader(ds, BATCH, num_workers=workers, workers=mode)
     loader.start()  # worker processes (if any) are ready before the clock starts
@@ -96,7 +98,7 @@ def fed_vs_memory(
     memory = [b for _, b in zip(range(min(done, 64)), held, strict=False)]
     held.close()
     ref, _, _ = consume((memory[i % len(memory)] for i in range(done)), work, units, done)
-    return fed / ref, wait / fed
+    return fed / ref, wait / fed, (fed - wait) / ref
 
 
 def consumer_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) -> list[Figure]:
@@ -190,7 +192,7 @@ def modes_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) ->
     for data, rate in ((small, 150_000), (big, 20_000)):
         ds = data.dataset()
         for kind, work in (("gil", spin), ("nogil", ufuncs)):
-            runs: dict[str, list[tuple[float, float]]] = {"threads": [], "processes": []}
+            runs: dict[str, list[tuple[float, float, float]]] = {"threads": [], "processes": []}
             loads = []
             for r in range(cfg.repeats):
                 for mode, out in runs.items():
@@ -208,6 +210,7 @@ def modes_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) ->
                         target="≤ 1.02× and data wait ≤ 2%" if kind == "gil" else None,
                         extra={
                             "data_wait_percent": [100 * r[1] for r in out],
+                            "step_slowdown": [r[2] for r in out],
                             "load_average_1min": [round(x, 1) for x in loads],
                             "note": "fresh loader's first epoch (warm page cache; worker processes started "
                             "before the clock) vs the same batches from memory, same work per batch; "

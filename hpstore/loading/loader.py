@@ -408,8 +408,10 @@ class Loader:
 
 
 def resolve_workers(kind: str, num_workers: int) -> str:
-    """``"threads"`` or ``"processes"`` for ``LoaderOptions.workers``; ``"auto"``: threads (to be
-    decided by measurement)."""
+    """``"threads"`` or ``"processes"`` for ``LoaderOptions.workers``. ``"auto"`` is threads: side by
+    side on 2 shared cores (``python -m benchmarks.consumer``, README) processes helped only a
+    GIL-holding consumer of 28×28 samples, and in one run of two; everywhere else their extra CPU
+    (two more interpreters, chunks at window edges read twice) made the consumer slower."""
     if kind == "auto":
         return "threads"
     return kind
