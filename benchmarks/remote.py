@@ -46,6 +46,7 @@ import torch
 import hpstore
 from benchmarks.codecs import digits
 from benchmarks.common import BenchConfig, Figure, Progress, main
+from benchmarks.support.s3server import S3Server
 from hpstore.checkpoint.checkpointer import Checkpointer
 from hpstore.dataset import Store
 from hpstore.format.writer import Layout, StoreWriter
@@ -53,7 +54,6 @@ from hpstore.storage.base import Range, Storage
 from hpstore.storage.open import open_storage
 from hpstore.storage.wrappers import ForwardingStorage
 from hpstore.threads import run_parallel
-from tests.support.s3server import S3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 MiB = 1 << 20
@@ -70,7 +70,7 @@ def proxy(upstream: str, latency_s: float) -> Iterator[str]:
         [
             sys.executable,
             "-m",
-            "tests.support.faultproxy",
+            "benchmarks.support.faultproxy",
             "--upstream",
             upstream,
             "--latency",
@@ -79,8 +79,10 @@ def proxy(upstream: str, latency_s: float) -> Iterator[str]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        },
     )
     try:
         assert proc.stdout is not None

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from hpstore.errors import InputError
+from hpstore.errors import IndexTypeError, InputError, InvalidIndexError
 from hpstore.format.chunks import ChunkReader
 from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec, check_listing, read_manifest
 from hpstore.gather import gather
@@ -98,12 +98,11 @@ class Dataset:
         return names
 
     def read(self, indices: Any, fields: Sequence[str] | None = None) -> dict[str, Any]:
-        """Rows at ``indices`` (any int array), each needed chunk read once."""
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        n = len(self)
-        if idx.size and (idx.min() < -n or idx.max() >= n):
-            raise IndexError(f"index out of range for split {self.name!r} of {n} samples")
-        idx = np.where(idx < 0, idx + n, idx)
+        """Rows at ``indices`` (a 1-d sequence or array of ints, negative from the end, or a
+        boolean mask of ``len(self)``), each needed chunk read once."""
+        return self._read(row_indices(indices, len(self), self.name), fields)
+
+    def _read(self, idx: np.ndarray, fields: Sequence[str] | None) -> dict[str, Any]:
         chunk_ids = np.unique(idx // self.spec.chunk_rows).tolist()
         out: dict[str, Any] = {}
         for name in self.field_names(fields):
@@ -112,16 +111,75 @@ class Dataset:
         return out
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> dict[str, Any]:
-        if isinstance(key, int | np.integer):
-            row = self.read([int(key)])
+        """NumPy semantics along the sample axis: an int gives one row (values per field); a
+        slice, an int array or a boolean mask give a batch (arrays / lists per field). Floats,
+        strings, tuples and 2-d arrays are refused (``IndexTypeError`` / ``InvalidIndexError``)."""
+        n = len(self)
+        if isinstance(key, int | np.integer) and not isinstance(key, bool | np.bool_):
+            row = self._read(np.array([_one_index(int(key), n, self.name)]), None)
             return {k: v[0] for k, v in row.items()}
+        if isinstance(key, np.ndarray) and key.ndim == 0 and key.dtype.kind in "iu":
+            return self[int(key)]
         if isinstance(key, slice):
-            return self.read(np.arange(len(self))[key])
+            # Only the selected rows: a slice of a 10^9-row split costs what it reads.
+            return self._read(np.arange(*key.indices(n), dtype=np.int64), None)
+        if key is Ellipsis:
+            return self[:]
         return self.read(key)
+
+    def windows(self, field: str, seq_len: int, *, respect_documents: bool = False) -> Any:
+        """Windows of ``seq_len + 1`` tokens of a token field, usable as a split
+        (``hpstore.tokens.TokenWindows``)."""
+        from hpstore.tokens.windows import TokenWindows
+
+        return TokenWindows(self, field, seq_len, respect_documents=respect_documents)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}: {f.describe()}" for n, f in self.spec.fields.items())
         return f"Dataset({self.name!r}, {len(self)} samples, {{{fields}}})"
+
+
+def row_indices(key: Any, n: int, split: str) -> np.ndarray:
+    """``key`` as int64 row numbers in ``[0, n)``, by NumPy's rules for one axis: ints (negative
+    count from the end) or a boolean mask of length ``n``; anything else is refused."""
+    if isinstance(key, str | bytes | float | bool | np.bool_ | tuple | dict | set | slice) or key is None:
+        raise IndexTypeError(
+            f"split {split!r}: cannot index rows with {type(key).__name__} {key!r} "
+            "(use an int, a slice, a 1-d array of ints or a boolean mask)"
+        )
+    try:
+        arr = np.asarray(key)
+    except (ValueError, TypeError) as exc:  # ragged nested lists
+        raise InvalidIndexError(f"split {split!r}: index is not a 1-d array ({exc})") from None
+    if arr.size == 0 and arr.ndim == 1:
+        return np.empty(0, dtype=np.int64)  # [] is an empty int index in NumPy, whatever its dtype
+    if arr.ndim != 1:
+        raise InvalidIndexError(
+            f"split {split!r}: index arrays must be 1-d, got shape {list(arr.shape)} (one row axis only)"
+        )
+    if arr.dtype.kind == "b":
+        if len(arr) != n:
+            raise InvalidIndexError(
+                f"split {split!r}: boolean mask of length {len(arr)} for {n} samples (lengths must match)"
+            )
+        return np.flatnonzero(arr).astype(np.int64)
+    if arr.dtype.kind not in "iu":
+        raise IndexTypeError(
+            f"split {split!r}: index arrays must hold integers or booleans, got dtype {arr.dtype}"
+        )
+    if arr.dtype.kind == "u" and arr.max() >= n:
+        raise InvalidIndexError(f"index {int(arr.max())} out of range for split {split!r} of {n} samples")
+    idx = arr.astype(np.int64, copy=False)
+    if idx.min() < -n or idx.max() >= n:
+        bad = int(idx.min()) if idx.min() < -n else int(idx.max())
+        raise InvalidIndexError(f"index {bad} out of range for split {split!r} of {n} samples")
+    return np.where(idx < 0, idx + n, idx)
+
+
+def _one_index(i: int, n: int, split: str) -> int:
+    if not -n <= i < n:
+        raise InvalidIndexError(f"index {i} out of range for split {split!r} of {n} samples")
+    return i + n if i < 0 else i
 
 
 def _info(f: FieldSpec) -> FieldInfo:

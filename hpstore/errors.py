@@ -39,8 +39,25 @@ class StoreExistsError(HpstoreError, FileExistsError):
     """A destination already holds a committed store and overwriting was not asked for."""
 
 
+class StoreLockedError(HpstoreError, FileExistsError):
+    """Another writer holds the destination's writer lock (``hpstore.format.commit.WriterLock``)."""
+
+
+class ForeignDataError(HpstoreError, FileExistsError):
+    """The destination holds data that is not provably this store's; hpstore never replaces it."""
+
+
 class InputError(HpstoreError, ValueError):
     """Bad user input: a source file, a flag, a field or a shape that cannot be used."""
+
+
+class InvalidIndexError(InputError, IndexError):
+    """An index that selects no rows of a split: out of range, a mask of the wrong length, 2-D."""
+
+
+class IndexTypeError(InputError, IndexError, TypeError):
+    """A key whose type cannot select rows (a float, a string, None, a tuple). Also an
+    ``IndexError``, which is what NumPy raises for such keys."""
 
 
 class StorageError(HpstoreError, OSError):

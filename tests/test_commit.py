@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 import hpstore
-from hpstore.errors import ObjectNotFoundError, StoreExistsError, StoreNotFoundError
+from hpstore.errors import ObjectNotFoundError, StoreExistsError, StoreLockedError, StoreNotFoundError
+from hpstore.format.commit import LOCK_KEY
 from hpstore.format.manifest import MANIFEST_KEY, Manifest
 from hpstore.format.verify import verify
 from hpstore.format.writer import StoreWriter
@@ -164,12 +165,16 @@ def test_writer_killed_midway_never_damages_the_committed_store(tmp_path: Path) 
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     leftovers = {k.split("/")[0] for k in LocalStorage(str(tmp_path)).list()} - {MANIFEST_KEY, m.generation}
-    assert len(leftovers) == 1  # the killed generation, invisible to readers
+    assert len(leftovers) == 2 and LOCK_KEY in leftovers  # the killed generation and its lock
     assert hpstore.open(str(tmp_path)).manifest.generation == m.generation
     assert_reads(tmp_path, old)
     assert verify(LocalStorage(str(tmp_path)), m).ok
 
     new = sample_columns(60, seed=3)
-    m2 = write_store(LocalStorage(str(tmp_path)), {"train": new}, overwrite=True)
+    # The killed writer's lock stops the next one, with a message that names it and the way out...
+    with pytest.raises(StoreLockedError, match=rf"{LOCK_KEY}.*pid {proc.pid}.*killed.*--break-lock"):
+        write_store(LocalStorage(str(tmp_path)), {"train": new}, overwrite=True)
+    # ...until it is broken on purpose.
+    m2 = write_store(LocalStorage(str(tmp_path)), {"train": new}, overwrite=True, break_lock=True)
     assert_exactly_committed(tmp_path, m2)  # the next commit removed the leftover
     assert_reads(tmp_path, new)

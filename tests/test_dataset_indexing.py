@@ -143,3 +143,87 @@ def test_neighbouring_chunks_coalesce_into_one_request(tmp_path: Path) -> None:
     got = ds.read(np.arange(rows))  # every chunk of shard 0
     assert ds.store.storage.stats.read_requests - before == 1
     assert np.array_equal(got["image"], cols["image"][:rows])
+
+
+# -- NumPy semantics, or a clear refusal --------------------------------------------------------------
+
+
+def test_boolean_masks_select_rows(split: tuple[hpstore.Dataset, dict[str, Any]]) -> None:
+    ds, cols = split
+    mask = np.random.default_rng(3).random(N) < 0.2
+    assert_rows(ds[mask], expected(cols, np.flatnonzero(mask)))
+    assert_rows(ds[mask.tolist()], expected(cols, np.flatnonzero(mask)))
+    assert_rows(ds.read(mask, ["label"]), expected({"label": cols["label"]}, np.flatnonzero(mask)))
+    assert len(ds[np.zeros(N, bool)]["label"]) == 0
+    for wrong in (mask[:-1], np.ones(N + 1, bool)):
+        with pytest.raises(hpstore.InputError, match="boolean mask of length") as err:
+            ds[wrong]
+        assert isinstance(err.value, IndexError)
+
+
+def test_empty_and_zero_d_indices(split: tuple[hpstore.Dataset, dict[str, Any]]) -> None:
+    ds, cols = split
+    assert len(ds[[]]["label"]) == 0 and ds[[]]["image"].shape == (0, 6, 5)
+    assert ds[np.array(7)]["label"] == cols["label"][7]
+    assert ds[np.uint16(9)]["label"] == cols["label"][9]
+    assert_rows(ds[np.array([3, 1], dtype=np.uint8)], expected(cols, np.array([3, 1])))
+    assert_rows(ds[...], expected(cols, np.arange(N)))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [2.7, np.float64(2.0), "a", b"a", None, True, np.bool_(False), (1, 2), np.array([1.0, 2.0]), ["a"]],
+    ids=repr,
+)
+def test_keys_that_are_not_row_indices_are_refused(
+    split: tuple[hpstore.Dataset, dict[str, Any]], key: Any
+) -> None:
+    ds, _ = split
+    with pytest.raises(hpstore.InputError, match="split 'train'") as err:
+        ds[key]
+    assert isinstance(err.value, IndexError) and isinstance(err.value, TypeError)
+
+
+@pytest.mark.parametrize("key", [np.arange(6).reshape(2, 3), [[1, 2], [3, 4]], [[1], [2, 3]]], ids=str)
+def test_multi_dimensional_indices_are_refused(
+    split: tuple[hpstore.Dataset, dict[str, Any]], key: Any
+) -> None:
+    ds, _ = split
+    with pytest.raises(hpstore.InputError, match="1-d") as err:
+        ds[key]
+    assert isinstance(err.value, IndexError)
+    with pytest.raises(IndexError):
+        ds.read(key)
+
+
+def test_float_indices_are_refused_by_read_too(split: tuple[hpstore.Dataset, dict[str, Any]]) -> None:
+    ds, _ = split
+    with pytest.raises(TypeError, match="integers or booleans"):
+        ds.read(np.array([2.7]))
+
+
+def test_a_slice_costs_what_it_reads(tmp_path: Path) -> None:
+    """ds[a:b] must not build an index over the whole split (8 GB for 10^9 rows): reading 10 rows
+    of a 2-million-row split allocates far less than one int64 per row (16 MB)."""
+    import tracemalloc
+
+    n = 2_000_000
+    labels = (np.arange(n) % 251).astype(np.uint8)
+    write_store(
+        LocalStorage(str(tmp_path)),
+        {"train": {"label": labels}},
+        layout=Layout(chunk_bytes=16 << 10, shard_bytes=1 << 20),
+        batch_rows=1 << 18,
+    )
+    ds = hpstore.open(str(tmp_path)).split("train")
+    ds[n - 1]  # shard indices loaded
+    tracemalloc.start()
+    try:
+        got = ds[n - 20 : n - 10]["label"]
+        strided = ds[5 : n : n // 4]["label"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_array_equal(got, labels[n - 20 : n - 10])
+    np.testing.assert_array_equal(strided, labels[5 : n : n // 4])
+    assert peak < 2 << 20, peak

@@ -112,6 +112,20 @@ def test_npy_npz_and_directories_of_npy(capsys: pytest.CaptureFixture[str], tmp_
     np.testing.assert_array_equal(data["y"], y)
 
 
+def test_strings_with_nul_bytes_keep_numpys_values(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """NumPy strips only trailing NULs of fixed-width strings; interior NULs are data."""
+    raw = np.array([b"a\x00b" * (i % 3) + b"\x00" * (i % 2) for i in range(200)])
+    text = np.array(["\x00x\x00é" * (i % 4) for i in range(200)])
+    np.save(tmp_path / "s.npy", raw)
+    np.savez(tmp_path / "st.npz", raw=raw, text=text)
+    assert ok(capsys, str(tmp_path / "s.npy"), str(tmp_path / "s1"))["train"]["s"] == raw.tolist()
+    data = ok(capsys, str(tmp_path / "st.npz"), str(tmp_path / "s2"))["train"]
+    assert data["raw"] == raw.tolist() and data["text"] == text.tolist()
+    assert data["raw"][1] == b"a\x00b"  # not b"a"
+
+
 def test_fields_from_separate_files(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     images, labels = mnist_like(401, 3)
     np.save(tmp_path / "images.npy", images)
@@ -297,13 +311,16 @@ def test_failed_overwrite_keeps_the_previous_store(
 
 
 def test_non_store_directory_is_refused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A directory holding only a ``data-``-named folder of someone else's is not a store: the
+    name alone proves nothing (a generation of ours is ``data-<UTC stamp>-<8 hex>``)."""
     np.save(tmp_path / "x.npy", np.arange(10))
-    (tmp_path / "precious").mkdir()
-    (tmp_path / "precious" / "data-2024").mkdir()
-    (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    code, _, err = ingest(capsys, str(tmp_path / "x.npy"), str(tmp_path / "precious"), "--overwrite")
-    assert code == 2 and "not a store" in err
-    assert sorted(os.listdir(tmp_path / "precious")) == ["data-2024", "notes.txt"]
+    (tmp_path / "precious" / "data-2024").mkdir(parents=True)
+    (tmp_path / "precious" / "data-2024" / "keep.bin").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = ingest(capsys, str(tmp_path / "x.npy"), str(tmp_path / "precious"), *extra)
+        assert code == 2 and "not a store" in err and "data-2024/" in err and err.count("\n") == 1, err
+    assert sorted(os.listdir(tmp_path / "precious")) == ["data-2024"]
+    assert (tmp_path / "precious" / "data-2024" / "keep.bin").read_text() == "keep me"
 
 
 # -- bad input -------------------------------------------------------------------------------------
@@ -465,3 +482,53 @@ def test_split_does_not_apply_to_mnist(capsys: pytest.CaptureFixture[str], tmp_p
     src = _mnist(tmp_path)
     code, _, err = ingest(capsys, str(src), str(tmp_path / "store"), "--split", "x")
     assert code == 2 and "--split" in err
+
+
+# -- usage, messages, layout -----------------------------------------------------------------------
+
+
+def test_help_shows_the_real_usage_and_every_option_explains_itself(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "python -m tools.ingest [options] SRC DST\n" in text and "[SRC DST ...]" not in text
+    assert "DST --field NAME=PATH" in text
+    for option, default in [
+        ("--chunk-bytes", "1MiB"),
+        ("--shard-bytes", "64MiB"),
+        ("--codec", "zstd"),
+        ("--workers", "2"),
+    ]:
+        block = text[text.index(option) :].split("\n  --", 1)[0]
+        assert f"(default: {default})" in " ".join(block.split()), block
+    options = [line.split()[0].rstrip(",") for line in text.splitlines() if line.startswith("  --")]
+    for option in options:
+        block = " ".join(text[text.index(f"  {option}") :].split("\n  -", 1)[0].split())
+        assert len(block.split()) > 2, f"{option} has no help: {block!r}"
+
+
+def test_header_only_csv_names_the_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("a,b\n")
+    code, out, err = ingest(capsys, str(tmp_path / "empty.csv"), str(tmp_path / "store"))
+    assert code == 2 and out == "" and err.count("\n") == 1
+    assert "empty.csv" in err and "no rows" in err, err
+    assert not (tmp_path / "store").exists()
+
+
+def test_shard_index_is_capped_at_the_real_chunk_count(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A split smaller than one shard gets an index for its chunks, not for a 64 MiB shard's 4096."""
+    x = np.arange(30_000, dtype=np.int64)  # 240 KB: 15 chunks of 16 KiB
+    np.save(tmp_path / "x.npy", x)
+    dst = str(tmp_path / "store")
+    ok(capsys, str(tmp_path / "x.npy"), dst, "--chunk-bytes", "16K", "--shard-bytes", "64M")
+    spec = hpstore.open(dst).split("train").spec
+    assert spec.num_chunks == 15 and spec.chunks_per_shard == spec.num_chunks
+    manifest = hpstore.open(dst).manifest
+    (shard,) = [o for k, o in manifest.objects.items() if "/x/c/" in k]
+    assert shard.size < x.nbytes + 16 * spec.num_chunks + 4 + 1  # not 65 KB of index
+    np.testing.assert_array_equal(read_all(dst)["train"]["x"], x)

@@ -15,6 +15,7 @@ import pytest
 
 import hpstore
 from hpstore.errors import StoreNotFoundError
+from hpstore.format.commit import LOCK_KEY
 from hpstore.format.manifest import MANIFEST_KEY
 from hpstore.format.verify import verify
 from hpstore.storage.open import open_storage
@@ -30,9 +31,10 @@ def generations(dst: Path) -> set[str]:
     return {n for n in os.listdir(dst) if n.startswith("data-")} if dst.exists() else set()
 
 
-def start(src: Path, dst: Path) -> subprocess.Popen[bytes]:
+def start(src: Path, dst: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """An ingest; ``--break-lock`` clears the lock a killed run leaves (the runs here are sequential)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "tools.ingest", str(src), str(dst), "--overwrite", *LAYOUT],
+        [sys.executable, "-m", "tools.ingest", str(src), str(dst), "--overwrite", *LAYOUT, *extra],
         cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -50,7 +52,7 @@ def writing_started(proc: subprocess.Popen[bytes], dst: Path, before: set[str]) 
 def kill_midway(src: Path, dst: Path, delay: float) -> bool:
     """Start an ingest, wait until it writes, kill it ``delay`` s later; True if it was still
     running when killed."""
-    proc = start(src, dst)
+    proc = start(src, dst, "--break-lock")
     writing_started(proc, dst, generations(dst))
     time.sleep(delay)
     alive = proc.poll() is None
@@ -110,7 +112,7 @@ def test_killed_first_ingest_leaves_no_store(
                 hpstore.open(str(dst))
     assert any(was_alive), "every run finished before its kill: nothing was tested"
     # A later run succeeds over the leftovers and removes them.
-    proc = start(src, dst)
+    proc = start(src, dst, "--break-lock")
     assert proc.wait() == 0, proc.stderr.read() if proc.stderr else ""
     check_complete(dst, expected)
     assert len(generations(dst)) == 1
@@ -131,5 +133,53 @@ def test_killed_overwrite_keeps_the_previous_store(
         committed = hpstore.open(str(dst)).manifest.source["path"]
         check_complete(dst, old if committed == str(old_src) else new)
         if committed != str(old_src):
-            assert start(old_src, dst).wait() == 0  # back to the old store for the next kill
+            assert start(old_src, dst, "--break-lock").wait() == 0  # back to the old store for the next kill
     assert any(was_alive), "every run finished before its kill: nothing was tested"
+
+
+def test_killed_ingest_leaves_a_lock_that_names_itself_and_is_broken_on_request(
+    tmp_path: Path, sources: dict[str, tuple[Path, dict[str, np.ndarray]]]
+) -> None:
+    old_src, old = sources["old"]
+    new_src, new = sources["new"]
+    dst = tmp_path / "store"
+    assert start(old_src, dst).wait() == 0
+    before = generations(dst)
+    proc = start(new_src, dst)
+    writing_started(proc, dst, before)
+    (killed,) = generations(dst) - before
+    while proc.poll() is None and not any(files for _, _, files in os.walk(dst / killed)):
+        time.sleep(0.002)  # an object landed: the leftover is an object, not just an empty folder
+    proc.kill()
+    proc.wait()
+    assert (dst / LOCK_KEY).exists()
+    check_complete(dst, old)  # readers ignore the lock
+    again = start(old_src, dst)
+    _, err = again.communicate()
+    lines = err.decode().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, lines
+    assert LOCK_KEY in lines[0] and f"pid {proc.pid}" in lines[0] and "--break-lock" in lines[0]
+    check_complete(dst, old)
+    assert start(new_src, dst, "--break-lock").wait() == 0
+    check_complete(dst, new)
+    assert len(generations(dst)) == 1 and not (dst / LOCK_KEY).exists()
+
+
+def test_two_ingests_at_once_the_second_fails_fast(
+    tmp_path: Path, sources: dict[str, tuple[Path, dict[str, np.ndarray]]]
+) -> None:
+    """Both used to exit 0 and collect each other's generations, leaving no readable store."""
+    old_src, _old = sources["old"]
+    new_src, new = sources["new"]
+    dst = tmp_path / "store"
+    assert start(old_src, dst).wait() == 0
+    first = start(new_src, dst)
+    writing_started(first, dst, generations(dst))
+    second = start(old_src, dst)
+    _, err = second.communicate()
+    assert second.returncode == 2 and err.decode().count("\n") == 1 and LOCK_KEY in err.decode(), err
+    assert first.wait() == 0, first.stderr.read() if first.stderr else ""
+    if first.stderr:
+        first.stderr.close()
+    check_complete(dst, new)
+    assert len(generations(dst)) == 1 and not (dst / LOCK_KEY).exists()

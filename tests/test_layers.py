@@ -24,6 +24,12 @@ LAYER = {
     "dataset": 5,
     "loading": 6,
     "checkpoint": 6,  # a peer of loading: neither imports the other
+    "tokens": 7,  # views over a split that the loader streams
+}
+
+# The only imports of a higher layer, each imported inside the one function that needs it.
+ALLOWED_UP = {
+    ("hpstore.dataset", "hpstore.tokens.windows"): "Dataset.windows() constructs the view",
 }
 
 
@@ -69,7 +75,7 @@ def test_no_module_imports_a_layer_above_it_or_a_peer() -> None:
         mine = _unit(module)
         for name in names:
             theirs = _unit(name)
-            if theirs != mine and LAYER[theirs] >= LAYER[mine]:
+            if theirs != mine and LAYER[theirs] >= LAYER[mine] and (module, name) not in ALLOWED_UP:
                 bad.append(f"{module} imports {name}")
     assert not bad, "\n".join(sorted(bad))
 
@@ -82,7 +88,7 @@ def test_no_import_cycles_between_modules() -> None:
     def visit(m: str, path: list[str]) -> None:
         state[m] = 1
         for n in sorted(graph.get(m, ())):
-            if n not in graph or n == m:
+            if n not in graph or n == m or (m, n) in ALLOWED_UP:
                 continue
             if state.get(n) == 1:
                 cycles.append(" -> ".join([*path[path.index(n) :], n]) if n in path else f"{m} -> {n}")

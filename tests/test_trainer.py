@@ -143,9 +143,10 @@ def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     return code, capsys.readouterr().err.strip()
 
 
-def one_line_error(result: tuple[int, str], *needles: str) -> None:
-    code, err = result
-    assert code == 1, err
+def one_line_error(result: tuple[int, str], *needles: str, code: int = 2) -> None:
+    """One line on stderr; exit 2 for input errors (every command's convention), 1 for I/O."""
+    got, err = result
+    assert got == code, err
     assert "\n" not in err and "Traceback" not in err, err
     for n in needles:
         assert n in err, err
@@ -161,18 +162,44 @@ def test_clear_errors_for_bad_input(store: str, tmp_path: Path, capsys: pytest.C
     one_line_error(
         cli(["--data", "s3://bucket/store", "--storage-option", "endpoint_url=http://127.0.0.1:9",
              "--storage-option", "key=x", "--storage-option", "secret=y"], capsys),
-        "s3://bucket/store", "Could not connect",
+        "s3://bucket/store", "Could not connect", code=1,
     )  # fmt: skip
 
 
 def test_usage_errors_exit_2_in_a_real_process(store: str) -> None:
     r = run_trainer(["--data", store, "--batch-size", "0"])
     assert (
-        r.returncode == 1
+        r.returncode == 2
         and r.stderr.strip() == "python -m trainer: error: --batch-size must be at least 1, got 0"
     )
     r = run_trainer(["--data", store, "--model", "resnet"])
     assert r.returncode == 2 and "invalid choice: 'resnet'" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (["--epochs", "0"], "--epochs must be at least 1"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--keep", "0"], "--keep must be at least 1"),
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--lr", "inf"], "--lr must be a finite number"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+        (["--step-delay", "nan"], "--step-delay must be a finite number"),
+        (["--step-delay", "inf"], "--step-delay must be a finite number"),
+        (["--lr", "-1"], "--lr must be positive"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_bad_values_exit_2_with_one_line(
+    store: str, capsys: pytest.CaptureFixture[str], flags: list[str], needle: str
+) -> None:
+    one_line_error(cli(["--data", store, *flags], capsys), needle)
+
+
+def test_a_path_that_is_not_a_store_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("not a store")
+    one_line_error(cli(["--data", str(tmp_path)], capsys), "no committed store")
 
 
 def test_resume_refuses_a_checkpoint_of_another_model(

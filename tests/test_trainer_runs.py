@@ -120,7 +120,7 @@ def test_resume_needs_the_same_world_size(
         pytest.skip("needs a checkpoint written by more than one rank")
     code = trainer_main([*args(store, run_a.dir, "X", 2), "--resume"])
     err = capsys.readouterr().err.strip()
-    assert code == 1 and "\n" not in err, err
+    assert code == 2 and "\n" not in err, err  # an input error, like every command's
     assert "world_size=2, this run has world_size=1" in err
 
 

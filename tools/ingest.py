@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from hpstore.errors import HpstoreError, InputError, StorageError
 from hpstore.format import zarr_shard as zf
-from hpstore.format.manifest import MANIFEST_KEY, Manifest
+from hpstore.format.commit import LOCK_KEY
+from hpstore.format.manifest import Manifest
 from hpstore.format.writer import Layout, StoreWriter
 from hpstore.options import OneLineParser, parse_pair, parse_size, parse_storage_option
 from hpstore.storage.open import is_local, open_storage
@@ -57,6 +58,7 @@ class IngestConfig:
     split: str | None = None
     fields: tuple[tuple[str, str], ...] = ()
     overwrite: bool = False
+    break_lock: bool = False
     chunk_bytes: int = DEFAULT_LAYOUT.chunk_bytes
     shard_bytes: int = DEFAULT_LAYOUT.shard_bytes
     codec: str = str(DEFAULT_LAYOUT.codec["name"])
@@ -121,11 +123,23 @@ class IngestConfig:
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="python -m tools.ingest",
+        usage="python -m tools.ingest [options] SRC DST\n"
+        "       python -m tools.ingest [options] DST --field NAME=PATH [--field NAME=PATH ...]",
         description="Convert a dataset (npy/npz, IDX/MNIST, Parquet, CSV, JSONL, Arrow, ImageFolder) "
-        "into an hpstore store.",
+        "into an hpstore store. With --tokenizer byte|FILE.json: tokenize text into a token store "
+        "(see tools.ingest_tokens). Exit status: 0 done, 2 bad input or options, 1 an I/O failure.",
     )
-    p.add_argument("paths", nargs="+", metavar="SRC DST", help="source path and destination (path or URL)")
-    p.add_argument("--format", choices=FORMATS, help="source format (default: detect)")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        metavar="SRC DST",
+        help="source file or directory, then the destination (a path or an fsspec URL such as "
+        "s3://bucket/prefix); with --field, SRC may be left out, or names the directory the field "
+        "paths are relative to",
+    )
+    p.add_argument(
+        "--format", choices=FORMATS, help="source format (default: detected from the name or bytes)"
+    )
     p.add_argument("--split", help="split name for a single source (default: train)")
     p.add_argument(
         "--field",
@@ -133,18 +147,45 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_pair,
         default=[],
         metavar="NAME=PATH",
-        help="a field from a file",
+        help="a field from its own file (repeatable; the files must have equal row counts)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
-    p.add_argument("--chunk-bytes", type=parse_size, default=DEFAULT_LAYOUT.chunk_bytes)
-    p.add_argument("--shard-bytes", type=parse_size, default=DEFAULT_LAYOUT.shard_bytes)
-    p.add_argument("--codec", choices=CODECS, default=DEFAULT_LAYOUT.codec["name"])
-    p.add_argument("--level", type=int, help="codec level (zstd -7..22, lz4 0..9)")
+    p.add_argument(
+        "--break-lock",
+        action="store_true",
+        help=f"remove the writer lock ({LOCK_KEY}) that a killed ingest left in DST; only when no other "
+        "ingest into DST is running",
+    )
+    p.add_argument(
+        "--chunk-bytes",
+        type=parse_size,
+        default=DEFAULT_LAYOUT.chunk_bytes,
+        metavar="SIZE",
+        help=f"target bytes per chunk, the unit of reads (default: {_size(DEFAULT_LAYOUT.chunk_bytes)})",
+    )
+    p.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        default=DEFAULT_LAYOUT.shard_bytes,
+        metavar="SIZE",
+        help=f"target bytes per shard object (default: {_size(DEFAULT_LAYOUT.shard_bytes)})",
+    )
+    p.add_argument(
+        "--codec",
+        choices=CODECS,
+        default=DEFAULT_LAYOUT.codec["name"],
+        help=f"chunk compression (default: {DEFAULT_LAYOUT.codec['name']})",
+    )
+    p.add_argument(
+        "--level",
+        type=int,
+        help=f"codec level: zstd -7..22, lz4 0..9 (default: {DEFAULT_LAYOUT.codec.get('level')} for zstd)",
+    )
     p.add_argument(
         "--workers",
         type=int,
         default=DEFAULT_LAYOUT.workers,
-        help="parallel encoders (--engine dask: worker processes of the local cluster)",
+        help=f"parallel encoders (default: {DEFAULT_LAYOUT.workers}; --engine dask: worker processes of the local cluster)",
     )
     p.add_argument("--engine", choices=ENGINES, default="local", help="local: this process; dask: Dask tasks")
     p.add_argument(
@@ -164,10 +205,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_storage_option,
         default=[],
         metavar="K=V",
-        help="fsspec option for DST",
+        help="fsspec option for DST, e.g. endpoint_url=http://host:9000 (repeatable)",
     )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (none when stderr is not a terminal)"
+    )
     return p
+
+
+def _size(n: int) -> str:
+    return f"{n >> 20}MiB" if n % (1 << 20) == 0 else f"{n >> 10}KiB"
 
 
 def parse_args(argv: Sequence[str] | None) -> IngestConfig:
@@ -183,6 +230,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         split=a.split,
         fields=tuple(a.field),
         overwrite=a.overwrite,
+        break_lock=a.break_lock,
         chunk_bytes=a.chunk_bytes,
         shard_bytes=a.shard_bytes,
         codec=a.codec,
@@ -244,24 +292,14 @@ class IngestResult:
 
 
 def _check_destination(dst: str) -> None:
-    """A local DST must be new, empty, or a store (with leftovers of killed ingests): committing
-    deletes other ``data-*`` generations, so a directory of unrelated files is refused."""
+    """A local DST that exists must be a directory. What it may hold (nothing, leftovers of our
+    killed ingests, or a store of ours) is checked by the writer, locally and remotely alike
+    (``hpstore.format.commit.check_destination``)."""
     if not is_local(dst):
         return
     path = dst.removeprefix("file://")
     if os.path.exists(path) and not os.path.isdir(path):
         raise InputError(f"{dst}: exists and is not a directory")
-    if not os.path.isdir(path):
-        return
-    names = os.listdir(path)
-    if MANIFEST_KEY in names:
-        return
-    foreign = sorted(n for n in names if not n.startswith(("data-", f"{MANIFEST_KEY}.tmp")))
-    if foreign:
-        raise InputError(
-            f"{dst}: is a non-empty directory that is not a store (holds {', '.join(foreign[:3])}"
-            f"{', ...' if len(foreign) > 3 else ''}); choose a new or empty directory"
-        )
 
 
 def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
@@ -275,17 +313,30 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
     progress = _Progress(total, cfg.progress, stream)
     try:
         with StoreWriter(
-            storage, layout=cfg.layout(), overwrite=cfg.overwrite, source=cfg.source_record(splits)
+            storage,
+            layout=cfg.layout(),
+            overwrite=cfg.overwrite,
+            source=cfg.source_record(splits),
+            break_lock=cfg.break_lock,
+            tool="tools.ingest",
         ) as writer:
             if cfg.engine == "dask":
                 _run_dask(cfg, splits, writer, progress)
             for split in splits if cfg.engine == "local" else ():
                 progress.bar.set_description(split.name)
-                sw = writer.split(split.name, attrs=split.source.attrs)
+                sw = writer.split(split.name, attrs=split.source.attrs, num_rows=split.source.num_rows)
+                rows = 0
                 with closing(prefetched(split.source.batches())) as batches:
                     for batch in batches:
                         sw.append(batch)
-                        progress.update(len(next(iter(batch.values()))), batch_nbytes(batch))
+                        n = len(next(iter(batch.values())))
+                        rows += n
+                        progress.update(n, batch_nbytes(batch))
+                if rows == 0:
+                    raise InputError(
+                        f"{split.source.path}: no rows (a header or schema alone?); split {split.name!r} "
+                        "would be empty"
+                    )
                 writer.add_split(sw)
             manifest = writer.commit()
     finally:
@@ -354,6 +405,11 @@ def bound_malloc(threshold: int = 256 << 10) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else list(argv)
+    if any(a == "--tokenizer" or a.startswith("--tokenizer=") for a in args):
+        from tools.ingest_tokens import main as ingest_tokens  # text -> a token store
+
+        return ingest_tokens(args)
     bound_malloc()
     try:
         cfg = parse_args(argv)

@@ -94,7 +94,7 @@ def plan_split(source: Source, *, split: str, generation: str, layout: Layout) -
             close()
     if first is None or num_rows == 0:
         raise InputError(f"split {split!r}: no samples")
-    chunk_rows, chunks_per_shard = split_geometry(first, layout)
+    chunk_rows, chunks_per_shard = split_geometry(first, layout, num_rows)
     head = [b for b in read_rows(source, 0, min(chunk_rows, num_rows))]
     fields = []
     for name, col in first.items():

@@ -1,7 +1,9 @@
 """``python -m trainer ...`` and ``torchrun --nproc-per-node N -m trainer ...``.
 
-User mistakes (a bad flag, a missing field or split, an unreachable store, an incompatible
-checkpoint) end with one line on stderr and exit status 1; argparse's own usage errors exit 2.
+Exit status, the same convention as ``tools.ingest`` and ``tools.inspect``: 0 done; 2 a usage or
+input error (a bad flag or value, a missing store, field or split, an incompatible checkpoint);
+1 an I/O failure (an unreachable store, a disk error); 130 interrupted. Every error is one line
+on stderr, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,8 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from hpstore.errors import HpstoreError
-from hpstore.options import UsageError
+from hpstore.errors import HpstoreError, StorageError
 from trainer.config import parse_args
 
 
@@ -24,12 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from trainer.train import summary_line, train  # after parsing: --help and usage errors stay fast
 
         summary = train(cfg)
-    except UsageError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
-        return 2
     except (HpstoreError, OSError) as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr, flush=True)
-        return 1
+        print(f"{prefix}: {' '.join(str(exc).split())}", file=sys.stderr, flush=True)
+        return 1 if isinstance(exc, StorageError) or not isinstance(exc, HpstoreError) else 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr, flush=True)
         return 130

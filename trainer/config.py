@@ -8,6 +8,7 @@ could have rejected up front.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -16,7 +17,7 @@ from hpstore.errors import InputError
 from hpstore.loading.options import LoaderOptions
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 
-ModelName = Literal["mlp", "cnn", "linear"]
+ModelName = Literal["mlp", "cnn", "linear", "gpt"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
 
@@ -60,6 +61,11 @@ class TrainConfig:
     max_steps: int | None = None
     log_indices: str | None = None
     step_delay: float = 0.0
+    seq_len: int = 256
+    gpt_layers: int = 4
+    gpt_heads: int = 4
+    gpt_width: int = 256
+    respect_documents: bool = False
 
     def __post_init__(self) -> None:
         _positive("--epochs", self.epochs)
@@ -68,6 +74,13 @@ class TrainConfig:
         _positive("--keep", self.keep)
         if self.max_steps is not None:
             _positive("--max-steps", self.max_steps)
+        for flag, value in (
+            ("--lr", self.lr),
+            ("--weight-decay", self.weight_decay),
+            ("--step-delay", self.step_delay),
+        ):
+            if not math.isfinite(value):
+                raise InputError(f"{flag} must be a finite number, got {value}")
         if self.lr <= 0:
             raise InputError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0:
@@ -79,6 +92,13 @@ class TrainConfig:
             raise InputError("--resume needs --ckpt DIR_OR_URL")
         if self.ckpt_every and not self.ckpt:
             raise InputError("--ckpt-every needs --ckpt DIR_OR_URL")
+        for flag, value in (
+            ("--seq-len", self.seq_len),
+            ("--gpt-layers", self.gpt_layers),
+            ("--gpt-heads", self.gpt_heads),
+            ("--gpt-width", self.gpt_width),
+        ):
+            _positive(flag, value)
         if self.step_delay < 0:
             raise InputError("--step-delay must not be negative")
 
@@ -118,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="store path or URL (s3://..., memory://...)")
     p.add_argument(
-        "--model", choices=["mlp", "cnn", "linear"], default=d.model, help="linear: I/O-bound experiments"
+        "--model",
+        choices=["mlp", "cnn", "linear", "gpt"],
+        default=d.model,
+        help="linear: I/O-bound experiments; gpt: a decoder-only transformer on a token store",
     )
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per rank")
@@ -128,7 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.eval_split,
         help="split evaluated after each epoch; default: 'test' if present, 'none' to skip",
     )
-    p.add_argument("--input", default=d.input, help="fixed-shape image field (uint8 or float)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="fixed-shape image field (uint8 or float); gpt: the token field (tokens)",
+    )
     p.add_argument("--target", default=d.target, help="integer label field")
     p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate (cosine decay)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -183,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="debug: sleep after each step (stands in for a slower model)",
     )
+    g = p.add_argument_group("gpt (--model gpt, a token store from tools.ingest --tokenizer)")
+    g.add_argument("--seq-len", type=int, default=d.seq_len, help="context: tokens per window")
+    g.add_argument("--gpt-layers", type=int, default=d.gpt_layers)
+    g.add_argument("--gpt-heads", type=int, default=d.gpt_heads)
+    g.add_argument("--gpt-width", type=int, default=d.gpt_width)
+    g.add_argument(
+        "--respect-documents", action="store_true", help="windows hold whole documents (padding + loss mask)"
+    )
     return p
 
 
@@ -197,7 +232,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         batch_size=a.batch_size,
         train_split=a.train_split,
         eval_split=eval_split,
-        input=a.input,
+        input=a.input or ("tokens" if a.model == "gpt" else "image"),
         target=a.target,
         lr=a.lr,
         weight_decay=a.weight_decay,
@@ -219,4 +254,9 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         max_steps=a.max_steps,
         log_indices=a.log_indices,
         step_delay=a.step_delay,
+        seq_len=a.seq_len,
+        gpt_layers=a.gpt_layers,
+        gpt_heads=a.gpt_heads,
+        gpt_width=a.gpt_width,
+        respect_documents=a.respect_documents,
     )

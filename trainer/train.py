@@ -24,7 +24,7 @@ import hpstore
 from hpstore.dataset import Dataset, Store
 from hpstore.errors import HpstoreError, StorageError
 from hpstore.loading.loader import Loader
-from trainer import distributed
+from trainer import distributed, lm
 from trainer.checkpointing import Position, RunCheckpoints, run_meta
 from trainer.config import AUTO_EVAL, TrainConfig
 from trainer.distributed import Dist
@@ -67,11 +67,12 @@ def open_store(cfg: TrainConfig) -> Store:
 
 
 def pick_splits(store: Store, cfg: TrainConfig) -> tuple[Dataset, Dataset | None]:
-    fields = [cfg.input, cfg.target]
+    fields = [cfg.input] if cfg.model == "gpt" else [cfg.input, cfg.target]
     train = check_split(store, cfg.train_split, fields)
     name = cfg.eval_split
     if name == AUTO_EVAL:
-        name = "test" if "test" in store.splits else None
+        held_out = "val" if cfg.model == "gpt" else "test"  # tools.ingest --holdout writes 'val'
+        name = held_out if held_out in store.splits else None
     return train, (check_split(store, name, fields) if name else None)
 
 
@@ -134,15 +135,24 @@ class Trainer:
         self.cfg, self.dist, self.device = cfg, dist, dist.device
         store = open_store(cfg)
         train_ds, self.eval_ds = pick_splits(store, cfg)
-        self.task: Task = build_task(train_ds, [self.eval_ds] if self.eval_ds else [], cfg.input, cfg.target)
+        evals = [self.eval_ds] if self.eval_ds else []
+        gpt = cfg.model == "gpt"  # language modelling: trainer.lm supplies task, model, loader, feeder, eval
+        self.task: Task = (
+            lm.lm_task(train_ds, evals, cfg) if gpt else build_task(train_ds, evals, cfg.input, cfg.target)
+        )
 
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model, self.task).to(self.device)
+        self.model = (lm.build_gpt(self.task, cfg) if gpt else build_model(cfg.model, self.task)).to(
+            self.device
+        )
         seed_rank(cfg.seed, dist.rank)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+        if gpt and loaders is make_loader:
+            loaders = lm.make_lm_loader
+        feeder_cls = lm.LMFeeder if gpt else Feeder
         self.loader = loaders(train_ds, cfg, dist, train=True, with_index=cfg.log_indices is not None)
-        self.feeder = Feeder(self.loader, device=self.device, input=cfg.input, target=cfg.target)
+        self.feeder = feeder_cls(self.loader, device=self.device, input=cfg.input, target=cfg.target)
         self.steps_per_epoch = len(self.loader)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         if cfg.max_steps is not None:
@@ -152,7 +162,7 @@ class Trainer:
         self.eval_feeder: Feeder | None = None
         if self.eval_ds is not None:
             self.eval_loader = loaders(self.eval_ds, cfg, dist, train=False, with_index=True)
-            self.eval_feeder = Feeder(
+            self.eval_feeder = feeder_cls(
                 self.eval_loader, device=self.device, input=cfg.input, target=cfg.target
             )
 
@@ -287,10 +297,10 @@ class Trainer:
     def _evaluate(self) -> EvalResult:
         assert self.eval_feeder is not None and self.eval_ds is not None
         self.eval_loader.set_epoch(0)  # from the start of the split, every time
-        return evaluate(
+        return (lm.evaluate_lm if self.cfg.model == "gpt" else evaluate)(
             self.model,
             self.eval_feeder,
-            num_samples=len(self.eval_ds),
+            num_samples=len(self.eval_loader.dataset) if self.cfg.model == "gpt" else len(self.eval_ds),
             dist=self.dist,
             autocast=self._autocast(),
         )

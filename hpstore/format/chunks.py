@@ -39,6 +39,9 @@ class ChunkReader:
         self.split = split
         self._indices: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
+        self.index_requests = 0
+        """Shard-index reads so far (each shard's index is read once, then kept)."""
+        self.index_bytes = 0
 
     def field(self, name: str) -> FieldSpec:
         try:
@@ -76,6 +79,8 @@ class ChunkReader:
             ranges.append((key, obj.size - n, obj.size))
         bufs = self.storage.read_ranges(ranges)
         with self._lock:
+            self.index_requests += len(ranges)
+            self.index_bytes += n * len(ranges)
             for key, buf in zip(need, bufs, strict=True):
                 self._indices[key] = zf.parse_index(buf, self.split.chunks_per_shard, key)
 

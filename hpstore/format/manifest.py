@@ -9,7 +9,8 @@ Layout of a store (``docs/FORMAT.md`` is the full description)::
 
 A new ingest (or an overwrite) writes a fresh generation next to the old one and then replaces
 ``manifest.json``; only after that are older generations deleted. A reader that trusts only the
-manifest therefore never sees a half-written store.
+manifest therefore never sees a half-written store. The rules of that commit (generation naming,
+what may be deleted, the writer lock) live in ``hpstore.format.commit``.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hpstore.errors import ManifestError, StoreNotFoundError
+from hpstore.errors import ManifestError
+from hpstore.format import commit
+from hpstore.format.commit import MANIFEST_KEY
 from hpstore.storage.base import Storage, check_key
 
 FORMAT_NAME = "hpstore"
 FORMAT_VERSION = 1
-MANIFEST_KEY = "manifest.json"
 
 Codec = dict[str, Any]
 """``{"name": "zstd", "level": 1}``, ``{"name": "lz4", "level": 5}`` (blosc-lz4) or ``{"name": "none"}``."""
@@ -252,20 +254,19 @@ def _safe(key: str, where: str) -> str:
         raise ManifestError(f"{where}: {exc}") from None
 
 
+def parse_manifest(text: bytes, where: str) -> Manifest:
+    """``Manifest.from_json`` as the ``parse`` function of ``hpstore.format.commit``."""
+    return Manifest.from_json(text, where=where)
+
+
 def read_manifest(storage: Storage) -> Manifest:
     """The committed manifest of the store at ``storage``; ``StoreNotFoundError`` if there is none."""
-    from hpstore.errors import ObjectNotFoundError
-
-    try:
-        text = storage.read(MANIFEST_KEY)
-    except ObjectNotFoundError:
-        raise StoreNotFoundError(f"{storage.url}: no committed store here (no {MANIFEST_KEY})") from None
-    return Manifest.from_json(text, where=f"{storage.url}/{MANIFEST_KEY}")
+    return commit.read_manifest(storage, parse_manifest)
 
 
 def commit_manifest(storage: Storage, manifest: Manifest) -> None:
     """Make ``manifest`` the store's committed state: a single atomic object write."""
-    storage.write(MANIFEST_KEY, manifest.to_json().encode())
+    commit.commit_manifest(storage, manifest.to_json().encode())
 
 
 def check_listing(manifest: Manifest, listing: dict[str, int], where: str) -> None:

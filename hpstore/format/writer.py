@@ -17,7 +17,6 @@ import base64
 import datetime as _dt
 import math
 import threading
-import uuid
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,10 +26,15 @@ import numpy as np
 import pyarrow as pa
 
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import InputError, StoreExistsError
+from hpstore.errors import InputError
 from hpstore.format import zarr_shard as zf
+from hpstore.format.commit import (
+    STORE_GENERATIONS,
+    WriterLock,
+    check_destination,
+    collect_garbage,
+)
 from hpstore.format.manifest import (
-    MANIFEST_KEY,
     ArrowPart,
     Codec,
     FieldSpec,
@@ -38,6 +42,8 @@ from hpstore.format.manifest import (
     ObjectEntry,
     SplitSpec,
     commit_manifest,
+    parse_manifest,
+    read_manifest,
 )
 from hpstore.storage.base import Storage
 
@@ -91,13 +97,21 @@ def _concat(parts: list[Column]) -> Column:
     return pa.concat_arrays([_to_arrow(p) for p in parts])
 
 
-def split_geometry(first: Mapping[str, Column], layout: Layout) -> tuple[int, int]:
-    """``(chunk_rows, chunks_per_shard)`` of a split, from its first batch: every engine that
-    writes a split (one process, or partitions on many machines) cuts it the same way."""
+def split_geometry(
+    first: Mapping[str, Column], layout: Layout, expected_rows: int | None = None
+) -> tuple[int, int]:
+    """``(chunk_rows, chunks_per_shard)`` of a split, from its first batch (and its row count, when
+    the source knows it): every engine that writes a split (one process, or partitions on many
+    machines) cuts it the same way."""
     n = len(next(iter(first.values())))
     row_bytes = sum(_row_bytes(c) for c in first.values()) if n else 1.0
     chunk_rows = max(1, int(layout.chunk_bytes // row_bytes))
-    return chunk_rows, max(1, layout.shard_bytes // max(1, int(chunk_rows * row_bytes)))
+    chunks_per_shard = max(1, layout.shard_bytes // max(1, int(chunk_rows * row_bytes)))
+    if expected_rows:
+        # A shard's index has a slot per chunk it could hold (16 bytes each): a split smaller
+        # than one shard gets an index for the chunks it has, not for 64 MiB of them.
+        chunks_per_shard = min(chunks_per_shard, math.ceil(expected_rows / chunk_rows))
+    return chunk_rows, chunks_per_shard
 
 
 def choose_codec(first: np.ndarray, chunk_rows: int, codec: Codec, min_ratio: float) -> Codec:
@@ -256,10 +270,15 @@ class SplitWriter:
     """Accepts batches of rows (dict field -> column) for one split; every batch has every field."""
 
     def __init__(
-        self, writer: StoreWriter, name: str, attrs: Mapping[str, dict[str, Any]] | None = None
+        self,
+        writer: StoreWriter,
+        name: str,
+        attrs: Mapping[str, dict[str, Any]] | None = None,
+        num_rows: int | None = None,
     ) -> None:
         self.writer = writer
         self.name = name
+        self.expected_rows = num_rows
         self.prefix = f"{writer.generation}/{name}"
         self.codec = writer.layout.codec
         self.arrow_compression = (
@@ -277,7 +296,7 @@ class SplitWriter:
     def _start(self, batch: Mapping[str, Column]) -> None:
         if not batch:
             raise InputError(f"split {self.name!r}: no fields")
-        self.chunk_rows, self.chunks_per_shard = split_geometry(batch, self.writer.layout)
+        self.chunk_rows, self.chunks_per_shard = split_geometry(batch, self.writer.layout, self.expected_rows)
         for name, col in batch.items():
             self.fields[name] = _FieldWriter(self, name, col)
             self.buffer[name] = []
@@ -337,6 +356,12 @@ class StoreWriter:
 
     Use as a context manager: leaving the block with an exception abandons the generation (its
     objects are removed, best effort) and never touches the committed manifest.
+
+    The commit protocol is ``hpstore.format.commit``'s: the destination must be new, empty, or a
+    store of ours (``overwrite`` to replace it; a foreign ``manifest.json`` is never replaced), the
+    writer holds the store's writer lock from here to ``close`` (a second writer fails at once;
+    ``break_lock`` removes the lock a killed writer left), and after the commit only generations
+    of our exact naming that the committed manifest does not name are deleted.
     """
 
     def __init__(
@@ -346,15 +371,21 @@ class StoreWriter:
         layout: Layout | None = None,
         overwrite: bool = False,
         source: dict[str, Any] | None = None,
+        break_lock: bool = False,
+        tool: str = "hpstore.StoreWriter",
     ) -> None:
         self.storage = storage
         self.layout = layout or Layout()
-        if not overwrite and storage.exists(MANIFEST_KEY):
-            raise StoreExistsError(
-                f"{storage.url}: a store already exists here (use --overwrite to replace it)"
-            )
-        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%S")
-        self.generation = f"data-{stamp}-{uuid.uuid4().hex[:8]}"
+        # Checked before the lock too, so that nothing (not even a lock) is written into a
+        # destination that is not ours; checked again under the lock, where it is decisive.
+        check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        self.lock = WriterLock.acquire(storage, tool=tool, break_lock=break_lock)
+        try:
+            check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.generation = STORE_GENERATIONS.new()
         self.source = dict(source or {})
         self.encode_pool = ThreadPoolExecutor(self.layout.workers, thread_name_prefix="hpstore-encode")
         self.write_pool = ThreadPoolExecutor(self.layout.writers, thread_name_prefix="hpstore-write")
@@ -395,10 +426,14 @@ class StoreWriter:
 
         return self.write_pool.submit(run)
 
-    def split(self, name: str, attrs: Mapping[str, dict[str, Any]] | None = None) -> SplitWriter:
+    def split(
+        self, name: str, attrs: Mapping[str, dict[str, Any]] | None = None, *, num_rows: int | None = None
+    ) -> SplitWriter:
+        """A writer for split ``name``. ``num_rows``, when the source knows it, caps the chunks per
+        shard at the split's chunk count (a hint: more rows than that only make more shards)."""
         if name in self.splits:
             raise InputError(f"split {name!r} given twice")
-        return SplitWriter(self, name, attrs)
+        return SplitWriter(self, name, attrs, num_rows)
 
     def add_split(self, sw: SplitWriter) -> SplitSpec:
         spec, objects = sw.finish()
@@ -428,21 +463,19 @@ class StoreWriter:
         )
         commit_manifest(self.storage, manifest)
         self._committed = True
-        self._collect_garbage()
+        # Earlier stores and killed writes: re-read what is committed now, and keep it whatever it is.
+        committed = read_manifest(self.storage).generation
+        collect_garbage(self.storage, STORE_GENERATIONS, keep={self.generation, committed})
         return manifest
 
-    def _collect_garbage(self) -> None:
-        """Delete generations other than the committed one (earlier stores, killed ingests)."""
-        tops = {k.split("/", 1)[0] for k in self.storage.list() if "/" in k}
-        for top in tops:
-            if top.startswith("data-") and top != self.generation:
-                self.storage.delete_prefix(top)
-
     def close(self, *, abandon: bool) -> None:
-        self.encode_pool.shutdown(wait=True, cancel_futures=True)
-        self.write_pool.shutdown(wait=True, cancel_futures=True)
-        if abandon and not self._committed:
-            try:
-                self.storage.delete_prefix(self.generation)
-            except Exception:  # best effort: an uncommitted generation is invisible anyway
-                pass
+        try:
+            self.encode_pool.shutdown(wait=True, cancel_futures=True)
+            self.write_pool.shutdown(wait=True, cancel_futures=True)
+            if abandon and not self._committed:
+                try:
+                    self.storage.delete_prefix(self.generation)
+                except Exception:  # best effort: an uncommitted generation is invisible anyway
+                    pass
+        finally:
+            self.lock.release()

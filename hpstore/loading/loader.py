@@ -143,10 +143,23 @@ class LoaderStats(Counters):
 
 
 def resolve_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    """``(rank, world_size)``: the arguments, else torch.distributed's when it is initialised."""
+    """``(rank, world_size)``: the arguments, else torch.distributed's when it is initialised.
+
+    Explicit values must agree with an initialised process group: a world size that does not would
+    give every rank a share of the wrong size, silently skipping or repeating data."""
     import torch.distributed as dist
 
     live = dist.is_available() and dist.is_initialized()
+    if live:
+        for name, given, actual in (
+            ("world_size", world_size, dist.get_world_size()),
+            ("rank", rank, dist.get_rank()),
+        ):
+            if given is not None and given != actual:
+                raise InputError(
+                    f"{name}={given} disagrees with the initialised torch.distributed process group "
+                    f"({name} {actual}); leave it out to take the group's"
+                )
     if world_size is None:
         world_size = dist.get_world_size() if live else 1
     if rank is None:
@@ -212,12 +225,17 @@ class Loader:
             self.disk_cache = ChunkDiskCache(ds.store.url, paths, o.cache_dir, o.cache_disk_bytes)
             policy = self.disk_cache.follow(policy)
         self.fetcher = ChunkFetcher(ds, self._io, self.disk_cache, o.io_threads)
+        # A view whose samples are not stored rows (hpstore.tokens.TokenWindows) names the stored
+        # chunks each plan chunk reads and gathers its own rows; a plain split does neither.
+        self.view: Any = ds if hasattr(ds, "stored_chunks") else None
         # The cache holds the fetcher, not the loader: no reference cycle, so a dropped loader
         # frees its cache at once instead of at the next full garbage collection (until then
         # each new loader faulted in fresh memory: 1.0-1.3 M vs 1.6-1.9 M samples/s on 28x28).
         self.cache = ChunkCache(o.cache_bytes, self.fetcher, policy=policy)
         self.worker_kind = resolve_workers(o.workers, o.num_workers)
         self._pool: WorkerPool | None = None
+        if self.worker_kind == "processes" and self.view is not None:
+            raise InputError("workers='processes' reads plain splits; use threads for a window view")
         if self.worker_kind == "processes":
             self._pool = self._start_pool()  # spawning now: ready by the time batches are asked for
         self._epoch = 0
@@ -241,6 +259,8 @@ class Loader:
             with_index=o.with_index,
             cache_dir=o.cache_dir,
             cache_disk_bytes=o.cache_disk_bytes,
+            fetcher=ChunkFetcher,
+            counters=LoaderStats,
         )
         return WorkerPool(setup, slot_bytes(self.fields, self.spec.window_rows, o.with_index))
 
@@ -341,8 +361,15 @@ class Loader:
     @property
     def stats(self) -> dict[str, float]:
         """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ...
-        (with worker processes: their counters added up, as of the last window received)."""
+        ``index_*``: shard-index reads of the dataset's chunk reader (once per shard, shared by
+        every loader of that ``Dataset``), apart from the chunk reads in ``bytes_read``. With worker
+        processes: their counters added up, as of the last window received (their shard-index
+        reads are not counted)."""
         out = self._io.as_dict()
+        out.update(
+            index_read_requests=self.fetcher.reader.index_requests,
+            index_bytes_read=self.fetcher.reader.index_bytes,
+        )
         c = self.cache.stats
         if self._pool is not None:
             done = self._pool.stats()  # the workers' counters; this process's cache is unused
@@ -401,6 +428,9 @@ class Loader:
         if run is not None:
             run.close()
         self._run = None
+
+    def _stored_chunks(self, plan: EpochPlan, chunks: list[int]) -> list[int]:
+        return chunks if self.view is None else self.view.stored_chunks(plan, chunks)
 
     def _window_cost(self, rows: int) -> int:
         """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
@@ -496,9 +526,11 @@ class _Builder:
         bases: dict[int, int] = {}
         for j, chunks in enumerate(self.plan.chunks_by_window(first_window), start=first_window):
             bases[j] = len(future)
+            chunks = self.loader._stored_chunks(self.plan, chunks)
             future.extend((name, c) for c in chunks for name in names)
         following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
         for chunks in following.chunks_by_window():
+            chunks = self.loader._stored_chunks(following, chunks)
             future.extend((name, c) for c in chunks for name in names)
         self.loader.cache.plan(future)
         return bases
@@ -510,11 +542,22 @@ class _Builder:
     def build(self, j: int) -> batching.WindowRows:
         loader = self.loader
         window = self.plan.window(j)
-        keys = [(name, c) for c in window.chunks for name in loader.fields]
+        keys = [(name, c) for c in loader._stored_chunks(self.plan, window.chunks) for name in loader.fields]
         base = self.bases[j]
         values = loader.cache.get_many(keys, range(base, base + len(keys)))
         chunks = dict(zip(keys, values, strict=True))
         t0 = time.perf_counter()
+        if loader.view is not None:
+            rows = loader.view.assemble(
+                window,
+                self.plan,
+                lambda name, c: chunks[(name, c)],
+                take=loader.buffers.take,
+                with_index=loader.with_index,
+                pin=loader.pin_memory,
+            )
+            loader._io.add(gather_seconds=time.perf_counter() - t0, windows=1)
+            return rows
         rows = batching.assemble(
             window,
             loader.fields,

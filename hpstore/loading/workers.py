@@ -44,6 +44,7 @@ import pickle
 import traceback
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -87,6 +88,11 @@ class WorkerSetup:
     with_index: bool
     cache_dir: str | None
     cache_disk_bytes: int
+    fetcher: Callable[..., Any]
+    """The loader's ``ChunkFetcher`` (class, pickled by name): injected, so this module does not
+    import the loader that imports it."""
+    counters: Callable[[], Any]
+    """The loader's ``LoaderStats`` class."""
 
 
 def slot_bytes(fields: dict[str, FieldSpec], rows: int, with_index: bool) -> int:
@@ -414,7 +420,6 @@ class _WorkerBuilder:
         from hpstore.dataset import Store
         from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, Policy
         from hpstore.loading.disk_cache import ChunkDiskCache
-        from hpstore.loading.loader import ChunkFetcher, LoaderStats
         from hpstore.loading.memory import keep_freed_memory
 
         keep_freed_memory()
@@ -422,7 +427,7 @@ class _WorkerBuilder:
         self.setup = setup
         ds = Store(setup.storage, setup.manifest).split(setup.split)
         self.fields = {name: ds.spec.fields[name] for name in setup.fields}
-        self.io = LoaderStats()
+        self.io = setup.counters()
         policy: Policy = FurthestUsePolicy()
         disk = None
         if setup.cache_dir is not None:
@@ -430,7 +435,7 @@ class _WorkerBuilder:
             disk = ChunkDiskCache(ds.store.url, paths, setup.cache_dir, setup.cache_disk_bytes)
             policy = disk.follow(policy)
         self.cache = ChunkCache(
-            setup.cache_bytes, ChunkFetcher(ds, self.io, disk, setup.io_threads), policy=policy
+            setup.cache_bytes, setup.fetcher(ds, self.io, disk, setup.io_threads), policy=policy
         )
         self.mapped = Mapped()
         self.plan: EpochPlan | None = None

@@ -118,6 +118,17 @@ class Storage(ABC):
         process loses nothing either way; only a power loss before ``sync()`` could.
         """
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Write the object only if no object ``key`` exists: True if this call created it, False
+        (writing nothing) if one was there. Backends make this atomic where they can (local files:
+        an exclusive link; S3: a conditional PUT, ``If-None-Match: *``); this default checks and
+        then writes, which two writers can race, so a caller that relies on exclusivity reads the
+        object back to learn whose it is (``hpstore.format.commit.WriterLock`` does)."""
+        if self.exists(key):
+            return False
+        self.write(key, data)
+        return True
+
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         """Write a whole object the cheapest way, *not* atomically: until ``sync()`` a reader may
         see it torn. Only for objects no reader looks at yet (a generation before its manifest).
@@ -202,6 +213,9 @@ class PrefixStorage(Storage):
 
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         self.inner.overwrite(self._k(key), data)
+
+    def create(self, key: str, data: bytes) -> bool:
+        return self.inner.create(self._k(key), data)
 
     def move_prefix(self, src: str, dst: str) -> bool:
         return self.inner.move_prefix(self._k(src), self._k(dst))

@@ -103,6 +103,33 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
         self._count_write(len(data), direct, t0)
 
+    def create(self, key: str, data: bytes) -> bool:
+        """Exclusive create: the bytes go to a temp file, which is then hard-linked to the key;
+        ``link`` fails if the key exists, so exactly one of two racing creators wins, and a reader
+        never sees the object partly written."""
+        t0 = time.perf_counter()
+        path = self._path(key)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(tmp, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                return False
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: cannot create: {exc.strerror or exc}") from exc
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        self._count_write(len(data), 0, t0)
+        return True
+
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         t0 = time.perf_counter()
         path = self._path(key)

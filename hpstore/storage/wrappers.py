@@ -54,6 +54,9 @@ class ForwardingStorage(Storage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(key, data, durable=durable)
 
+    def create(self, key: str, data: bytes) -> bool:
+        return self.inner.create(key, data)
+
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         self.inner.overwrite(key, data)
 
@@ -150,6 +153,11 @@ class RetryingStorage(ForwardingStorage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._call("write", key, lambda: self.inner.write(key, data, durable=durable))
 
+    def create(self, key: str, data: bytes) -> bool:
+        # A retried create whose first attempt landed answers False: the caller reads the object
+        # back to see that it is its own (see ``Storage.create``).
+        return self._call("create", key, lambda: self.inner.create(key, data))
+
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         self._call("write", key, lambda: self.inner.overwrite(key, data))
 
@@ -197,6 +205,10 @@ class LatencyStorage(ForwardingStorage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._wait()
         self.inner.write(key, data, durable=durable)
+
+    def create(self, key: str, data: bytes) -> bool:
+        self._wait()
+        return self.inner.create(key, data)
 
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         self._wait()

@@ -25,10 +25,11 @@ def write_store(
     batch_rows: int = 37,
     overwrite: bool = False,
     source: dict[str, Any] | None = None,
+    break_lock: bool = False,
 ) -> Manifest:
     """Write ``{split: {field: column}}`` in batches of ``batch_rows`` (an odd size, so batches
     straddle chunk boundaries) and commit."""
-    with StoreWriter(storage, layout=layout, overwrite=overwrite, source=source) as w:
+    with StoreWriter(storage, layout=layout, overwrite=overwrite, source=source, break_lock=break_lock) as w:
         for name, columns in splits.items():
             sw = w.split(name)
             n = len(next(iter(columns.values())))

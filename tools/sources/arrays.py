@@ -153,4 +153,28 @@ def _check_end(stream: BinaryIO, where: str) -> None:
 def _column(rows: np.ndarray, arr: ArrayStream) -> Column:
     if arr.dtype.kind not in "SU":
         return rows
-    return pa.array(rows, type=pa.binary() if arr.dtype.kind == "S" else pa.string())
+    return strings_to_arrow(rows)
+
+
+def strings_to_arrow(rows: np.ndarray) -> pa.Array:
+    """A 1-d NumPy ``S``/``U`` array as Arrow binary/string, with NumPy's meaning of each value.
+
+    NumPy pads fixed-width strings with NULs and strips only *trailing* NULs (``b"a\\x00b"`` stays
+    three bytes). ``pa.array`` on such an array stops at the first NUL instead, so values with an
+    interior NUL would come back cut short: the values are built here, by NumPy's rule."""
+    if rows.dtype.kind == "U":
+        return pa.array(rows.tolist(), type=pa.string())  # tolist strips trailing NULs only
+    n, width = len(rows), rows.dtype.itemsize
+    if width == 0 or n == 0:
+        return pa.array([b""] * n, type=pa.binary())
+    cells = np.ascontiguousarray(rows).view(np.uint8).reshape(n, width)
+    nonzero = cells != 0
+    # Length = 1 + index of the last non-NUL byte (0 when a value is all NULs).
+    lengths = np.where(nonzero.any(axis=1), width - np.argmax(nonzero[:, ::-1], axis=1), 0)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    data = cells[np.arange(width) < lengths[:, None]]  # row-major: values in order
+    # A batch holds at most BATCH_BYTES (tools.sources.base), far below binary's 2 GiB offsets.
+    return pa.BinaryArray.from_buffers(
+        pa.binary(), n, [None, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+    )
