@@ -11,6 +11,12 @@ For each, the same number of batches is consumed once from a fresh ``hpstore.Loa
 options, first epoch, warm page cache) and once from batches already in memory. Slowdown = loader
 wall time ÷ memory wall time; data wait = seconds blocked in ``next`` ÷ loader wall time.
 
+Threads against worker processes (``workers="processes"``), side by side with repeats interleaved,
+for both consumers at the two target rates (``modes_figures``); the processes are started before
+the timed epoch (``loader.start()``), as a training run starts them once. Each figure notes the load
+average: on a shared machine the other tenants' load is part of the condition.
+``python -m benchmarks.consumer [--quick]`` runs only these.
+
 Also: time to the first batch of a fresh loader (``loader.stats["first_batch_seconds"]``) and whole
 first epochs of fresh loaders, creation to last batch, on a 60,000-sample 28×28 store against the
 naive memmap DataLoader with 0 and 2 workers.
@@ -18,6 +24,7 @@ naive memmap DataLoader with 0 and 2 workers.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -25,7 +32,7 @@ from typing import Any
 import numpy as np
 
 import hpstore
-from benchmarks.common import BenchConfig, Figure, Progress
+from benchmarks.common import BenchConfig, Figure, Progress, main
 
 BATCH = 256
 
@@ -76,11 +83,14 @@ def consume(batches: Iterator[Any], work: Work, units: int, n: int) -> tuple[flo
 
 
 def fed_vs_memory(
-    ds: hpstore.Dataset, workers: int, work: Work, rate: float, seconds: float
-) -> tuple[float, float]:
-    """``(slowdown, data-wait fraction)`` of one consumer at ``rate`` samples/s."""
+    ds: hpstore.Dataset, workers: int, work: Work, rate: float, seconds: float, mode: str = "threads"
+) -> tuple[float, float, float]:
+    """``(slowdown, data-wait fraction, step slowdown)`` of one consumer at ``rate`` samples/s; the
+    step slowdown leaves the waits out (the consumer's own work made slower by sharing the CPU and
+    the GIL with the loader)."""
     units = calibrate(work, BATCH / rate)
-    loader = hpstore.Loader(ds, BATCH, num_workers=workers)
+    loader = hpstore.Loader(ds, BATCH, num_workers=workers, workers=mode)
+    loader.start()  # worker processes (if any) are ready before the clock starts
     n = max(8, min(len(loader), int(seconds * rate / BATCH)))
     fed, wait, done = consume(iter(loader), work, units, n)
     loader.close()
@@ -88,7 +98,7 @@ def fed_vs_memory(
     memory = [b for _, b in zip(range(min(done, 64)), held, strict=False)]
     held.close()
     ref, _, _ = consume((memory[i % len(memory)] for i in range(done)), work, units, done)
-    return fed / ref, wait / fed
+    return fed / ref, wait / fed, (fed - wait) / ref
 
 
 def consumer_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) -> list[Figure]:
@@ -172,3 +182,57 @@ def first_batch_figures(cfg: BenchConfig, progress: Progress, data: Any) -> list
             )
         )
     return figs
+
+
+def modes_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) -> list[Figure]:
+    """Threads vs worker processes, 2 workers, GIL-holding and GIL-releasing consumers, at 150 k
+    samples/s of 28×28 and 20 k samples/s of 3×64×64; repeats interleaved between the modes."""
+    seconds = 0.5 if cfg.quick else 2.0
+    figs = []
+    for data, rate in ((small, 150_000), (big, 20_000)):
+        ds = data.dataset()
+        for kind, work in (("gil", spin), ("nogil", ufuncs)):
+            runs: dict[str, list[tuple[float, float, float]]] = {"threads": [], "processes": []}
+            loads = []
+            for r in range(cfg.repeats):
+                for mode, out in runs.items():
+                    progress(f"consumer {kind} {data.name} {rate:,}/s, 2 {mode}, repeat {r + 1}")
+                    out.append(fed_vs_memory(ds, 2, work, rate, seconds, mode))
+                    loads.append(os.getloadavg()[0])
+            for mode, out in runs.items():
+                figs.append(
+                    Figure(
+                        bench="loader",
+                        name=f"consumer {kind} {data.name} at {rate:,} samples/s, 2 worker {mode}: slowdown",
+                        unit="×",
+                        values=[r[0] for r in out],
+                        higher_is_better=False,
+                        target="≤ 1.02× and data wait ≤ 2%" if kind == "gil" else None,
+                        extra={
+                            "data_wait_percent": [100 * r[1] for r in out],
+                            "step_slowdown": [r[2] for r in out],
+                            "load_average_1min": [round(x, 1) for x in loads],
+                            "note": "fresh loader's first epoch (warm page cache; worker processes started "
+                            "before the clock) vs the same batches from memory, same work per batch; "
+                            "threads and processes interleaved; 2 CPU cores shared with other tenants",
+                        },
+                    )
+                )
+    return figs
+
+
+def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
+    """Stand-alone: only the threads-vs-processes comparison (datasets as in ``benchmarks.loader``;
+    3×64×64 with 20,000 samples, a one-second epoch at 20 k samples/s)."""
+    import torch
+
+    from benchmarks.loader import build
+
+    torch.set_num_threads(1)
+    small = build(cfg, progress, "digits", 20_000 if cfg.quick else 200_000, (28, 28))
+    big = build(cfg, progress, "img64_20k", 6_000 if cfg.quick else 20_000, (3, 64, 64))
+    return modes_figures(cfg, progress, small, big)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(run))

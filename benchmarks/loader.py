@@ -644,11 +644,12 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
     torch.set_num_threads(1)
     small = build(cfg, progress, "digits", 20_000 if cfg.quick else 200_000, (28, 28))
     big = build(cfg, progress, "img64", 6_000 if cfg.quick else 200_000, (3, 64, 64))
-    from benchmarks.consumer import consumer_figures, first_batch_figures
+    from benchmarks.consumer import consumer_figures, first_batch_figures, modes_figures
 
     figs = shuffle_figures(20_000 if cfg.quick else 200_000)
     figs += first_batch_figures(cfg, progress, build(cfg, progress, "digits60k", 60_000, (28, 28)))
     figs += consumer_figures(cfg, progress, small, big)
+    figs += modes_figures(cfg, progress, small, big)
     figs += throughput_figures(cfg, progress, small)
     figs += throughput_figures(cfg, progress, big)
     figs.append(disk_figure(cfg, progress, big))

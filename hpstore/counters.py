@@ -15,6 +15,14 @@ class Counters:
     def __post_init__(self) -> None:
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        # Picklable (a loader's storage travels to its worker processes); the lock is not.
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def add(self, **deltas: float) -> None:
         """Add to several counters at once, atomically with respect to other ``add`` calls."""
         with self._lock:

@@ -31,6 +31,9 @@ class CorruptObjectError(HpstoreError, ValueError):
         self.key = key
         self.problem = problem
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.key, self.problem))  # crosses to a loader's consumer process intact
+
 
 class StoreExistsError(HpstoreError, FileExistsError):
     """A destination already holds a committed store and overwriting was not asked for."""

@@ -145,6 +145,17 @@ class WindowRows:
         self.padded_fields = padded_fields
         self.index = index
         self.pin = pin
+        self._views: dict[str, tuple[torch.Tensor, ...]] | None = None
+
+    def _split(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        """Every batch's view of each tensor column, made in one call per column: the consumer's
+        thread then pays a dict lookup per batch and field instead of a slice (about 4 µs each)."""
+        size = self.window.batch_size
+        views = {n: c.split(size) for n, c in self.columns.items() if isinstance(c, torch.Tensor)}
+        if self.index is not None:
+            views["\0index"] = self.index.split(size)
+        self._views = views
+        return views
 
     @property
     def num_batches(self) -> int:
@@ -155,12 +166,14 @@ class WindowRows:
         return sum(int(getattr(c, "nbytes", 0)) for c in self.columns.values())
 
     def batch(self, k: int) -> dict[str, Any]:
-        a, b = self.window.batch_bounds(k)
+        views = self._views if self._views is not None else self._split()
         out: dict[str, Any] = {}
         for name, col in self.columns.items():
-            if isinstance(col, torch.Tensor):
-                out[name] = col[a:b]
+            if name in views:
+                out[name] = views[name][k]
                 continue
+            assert isinstance(col, pa.Array)
+            a, b = self.window.batch_bounds(k)
             part = col.slice(a, b - a)
             if name in self.padded_fields:
                 values, lengths = padded(part)
@@ -170,7 +183,7 @@ class WindowRows:
             else:
                 out[name] = part.to_pylist()
         if self.index is not None:
-            out["index"] = self.index[a:b]
+            out["index"] = views["\0index"][k]
         return out
 
 

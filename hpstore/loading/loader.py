@@ -26,12 +26,14 @@ Semantics worth knowing:
   ahead of the consumer; ``0`` builds them in the consumer's thread when needed. Local files are
   also read and decoded ``io_threads`` chunks at a time within a window (remote backends issue the
   ranges concurrently themselves). The output order does not depend on either.
-- Threads, not DataLoader worker processes, decided by ``benchmarks/loader.py`` on 2 cores: the
-  same windows built in 2 worker processes and handed over in shared memory ran at 0.47× the
-  2-thread rate on 28×28 digits and 0.6–0.73× on 3×64×64 images. Processes pay for inter-process
-  hand-over and a cache each; the threads' heavy steps run in parallel anyway (zstd decoding, preads
-  and numpy's scatter release the GIL; measured 2 threads doing twice the work in 0.7–1.0× the
-  time; only CRC32C holds it).
+- ``workers="threads"`` (default) or ``"processes"``: with processes the windows are built in
+  ``num_workers`` worker processes started with the loader and kept across epochs, which write
+  them into a ring of shared-memory slots; the consumer's interpreter only receives small messages
+  and slices tensors (``hpstore.loading.workers``). Same batches, same ``state_dict``. Threads'
+  heavy steps release the GIL (zstd, preads, numpy's scatter; only CRC32C holds it), but their
+  Python glue still competes with a consumer that holds the GIL; processes do not.
+  ``benchmarks/consumer.py`` measures both side by side; ``"auto"`` follows it
+  (``resolve_workers``).
 - Pinned memory (``pin_memory``, default: when CUDA is available): window buffers come from torch's
   caching host allocator, so batches are pinned without a copy and ``.to("cuda", non_blocking=True)``
   is safe even if the batch is dropped at once (checked on an H100: 237 batches, no corruption).
@@ -87,6 +89,7 @@ from hpstore.loading.options import (
 )
 from hpstore.loading.plan import EpochPlan, History, PlanSpec
 from hpstore.loading.prefetch import Prefetcher
+from hpstore.loading.workers import ProcessWindows, WorkerPool, WorkerSetup, slot_bytes
 from hpstore.memory import keep_freed_memory
 from hpstore.storage.base import Range
 
@@ -102,6 +105,8 @@ __all__ = [
 ]
 
 STATE_VERSION = 1
+WORKER_IO = ("bytes_read", "read_requests", "read_seconds", "decode_seconds", "gather_seconds", "windows")
+"""``LoaderStats`` counters that worker processes keep (``hpstore.loading.workers``)."""
 PLAN_KEYS = (
     "num_samples",
     "chunk_rows",
@@ -245,10 +250,37 @@ class Loader:
         # frees its cache at once instead of at the next full garbage collection (until then
         # each new loader faulted in fresh memory: 1.0-1.3 M vs 1.6-1.9 M samples/s on 28x28).
         self.cache = ChunkCache(o.cache_bytes, self.fetcher, policy=policy)
+        self.worker_kind = resolve_workers(o.workers, o.num_workers)
+        self._pool: WorkerPool | None = None
+        if self.worker_kind == "processes" and self.view is not None:
+            raise InputError("workers='processes' reads plain splits; use threads for a window view")
+        if self.worker_kind == "processes":
+            self._pool = self._start_pool()  # spawning now: ready by the time batches are asked for
         self._epoch = 0
         self._step = 0
         self._history: History = ()  # earlier runs of this epoch on other world sizes
         self._run: weakref.ref[_Run] | None = None
+
+    def _start_pool(self) -> WorkerPool:
+        o, ds = self.options, self.dataset
+        setup = WorkerSetup(
+            storage=ds.store.storage,
+            manifest=ds.store.manifest,
+            split=ds.name,
+            fields=tuple(self.fields),
+            padded_fields=self.padded_fields,
+            spec=self.spec,
+            rank=self.rank,
+            workers=o.num_workers,
+            cache_bytes=o.cache_bytes // o.num_workers,
+            io_threads=o.io_threads,
+            with_index=o.with_index,
+            cache_dir=o.cache_dir,
+            cache_disk_bytes=o.cache_disk_bytes,
+            fetcher=ChunkFetcher,
+            counters=LoaderStats,
+        )
+        return WorkerPool(setup, slot_bytes(self.fields, self.spec.window_rows, o.with_index))
 
     def _check_keys(self, with_index: bool) -> None:
         keys = list(self.fields)
@@ -330,17 +362,46 @@ class Loader:
         self._close_run()
         self._epoch, self._step, self._history = epoch, step, history
 
+    def start(self) -> None:
+        """Start background work now and wait until it is ready: worker processes have opened the
+        store (they are started when the loader is created; otherwise the first ``iter`` waits).
+        Nothing to wait for with threads."""
+        if self.worker_kind == "processes":
+            self._workers().start()
+
+    def _workers(self) -> WorkerPool:
+        if self._pool is None or self._pool.broken is not None:
+            if self._pool is not None:
+                self._pool.close()
+            self._pool = self._start_pool()
+        return self._pool
+
     @property
     def stats(self) -> dict[str, float]:
         """Bytes read, read requests, chunk hits/misses/evictions, time the consumer waited, ...
         ``index_*``: shard-index reads of the dataset's chunk reader (once per shard, shared by
-        every loader of that ``Dataset``), apart from the chunk reads in ``bytes_read``."""
+        every loader of that ``Dataset``), apart from the chunk reads in ``bytes_read``. With worker
+        processes: their counters added up, as of the last window received (their shard-index
+        reads are not counted)."""
         out = self._io.as_dict()
         out.update(
             index_read_requests=self.fetcher.reader.index_requests,
             index_bytes_read=self.fetcher.reader.index_bytes,
         )
         c = self.cache.stats
+        if self._pool is not None:
+            done = self._pool.stats()  # the workers' counters; this process's cache is unused
+            c = dataclasses.replace(
+                c,
+                hits=int(done.get("chunk_hits", 0)),
+                misses=int(done.get("chunk_misses", 0)),
+                hit_bytes=int(done.get("chunk_hit_bytes", 0)),
+                fetched_bytes=int(done.get("chunk_fetched_bytes", 0)),
+                evictions=int(done.get("evictions", 0)),
+                bypassed=int(done.get("cache_bypassed", 0)),
+            )
+            for k in WORKER_IO:
+                out[k] += done.get(k, 0)
         out.update(
             chunk_hits=c.hits,
             chunk_misses=c.misses,
@@ -367,10 +428,14 @@ class Loader:
         return run
 
     def close(self) -> None:
-        """Stop background work: an unfinished iteration's (also done on the next ``iter``) and the
-        read threads (started again when needed)."""
+        """Stop background work: an unfinished iteration's (also done on the next ``iter``), the
+        read threads and worker processes, and unlink their shared memory (all started again when
+        needed)."""
         self._close_run()
         self.fetcher.close()
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
     def __repr__(self) -> str:
         return (
@@ -392,6 +457,16 @@ class Loader:
     def _window_cost(self, rows: int) -> int:
         """Bytes a window holds while in flight: its gathered rows, and as much again in chunks."""
         return int(2 * rows * self._row_bytes)
+
+
+def resolve_workers(kind: str, num_workers: int) -> str:
+    """``"threads"`` or ``"processes"`` for ``LoaderOptions.workers``. ``"auto"`` is threads: side by
+    side on 2 shared cores (``python -m benchmarks.consumer``, README) processes helped only a
+    GIL-holding consumer of 28×28 samples, and in one run of two; everywhere else their extra CPU
+    (two more interpreters, chunks at window edges read twice) made the consumer slower."""
+    if kind == "auto":
+        return "threads"
+    return kind
 
 
 class ChunkFetcher:
@@ -531,14 +606,18 @@ class _Run:
         first_window, self.skip = plan.start_of(loader._step)
         if loader._step >= plan.steps:  # resumed after the last batch: the rest is empty
             first_window = plan.num_windows
-        builder = _Builder(loader, plan, first_window)
-        self.prefetcher: Prefetcher[int, batching.WindowRows] = Prefetcher(
-            range(first_window, plan.num_windows),
-            builder.build,
-            workers=loader.num_workers,
-            budget_bytes=loader.prefetch_bytes,
-            cost=builder.cost,
-        )
+        self.prefetcher: Prefetcher[int, batching.WindowRows] | ProcessWindows
+        if loader.worker_kind == "processes":
+            self.prefetcher = loader._workers().windows(plan, first_window)
+        else:
+            builder = _Builder(loader, plan, first_window)
+            self.prefetcher = Prefetcher(
+                range(first_window, plan.num_windows),
+                builder.build,
+                workers=loader.num_workers,
+                budget_bytes=loader.prefetch_bytes,
+                cost=builder.cost,
+            )
         self.current: batching.WindowRows | None = None
         self.k = 0
         self.closed = False
@@ -562,7 +641,7 @@ class _Run:
                 self.close()
                 raise
             finally:
-                loader._io.add(wait_seconds=time.perf_counter() - t0)
+                loader._io.wait_seconds += time.perf_counter() - t0
             self.k, self.skip = self.skip, 0
         a, b = self.current.window.batch_bounds(self.k)
         out = self.current.batch(self.k)
@@ -574,7 +653,9 @@ class _Run:
             if not loader._io.batches:
                 loader._io.first_batch_seconds = now - loader.created
             self.started = 0.0
-        loader._io.add(batches=1, samples=b - a)
+        io = loader._io  # counters only this thread writes: no lock (the others are added under it)
+        io.batches += 1
+        io.samples += b - a
         return out
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ DEFAULT_CACHE_DISK_BYTES = 16 << 30
 DEFAULT_SHUFFLE_WINDOW = 16
 DEFAULT_FIRST_WINDOW = 1
 DEFAULT_IO_THREADS = 8
+WORKER_KINDS = ("threads", "processes", "auto")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,7 +39,11 @@ class LoaderOptions:
     """This process's rank; ``None``: torch.distributed's when initialised, else 0."""
     world_size: int | None = None
     num_workers: int = 0
-    """Threads building windows ahead of the consumer (``0``: in the consumer's thread)."""
+    """Threads or processes building windows ahead of the consumer (``0``: in the consumer's thread)."""
+    workers: str = "threads"
+    """What the ``num_workers`` are: ``"threads"`` in this process, ``"processes"`` (own interpreters
+    writing into shared memory: ``hpstore.loading.workers``), or ``"auto"``
+    (``hpstore.loading.loader.resolve_workers``)."""
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     cache_bytes: int = DEFAULT_CACHE_BYTES
     with_index: bool = False
@@ -68,6 +73,10 @@ class LoaderOptions:
             ("cache_disk_bytes", 0),
         ):
             _integer(name, getattr(self, name), low)
+        if self.workers not in WORKER_KINDS:
+            raise InputError(f"workers must be one of {', '.join(WORKER_KINDS)}, got {self.workers!r}")
+        if self.workers == "processes" and self.num_workers < 1:
+            raise InputError("workers='processes' needs num_workers >= 1")
         if self.first_window is not None:
             _integer("first_window", self.first_window, 1)
         if self.world_size is not None:

@@ -1,0 +1,178 @@
+"""Worker processes (``workers="processes"``): the same batches and resume behaviour as threads, errors
+and dead workers reported in the consumer, shared memory cleaned up."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import hpstore
+from hpstore import Loader
+from hpstore.errors import CorruptObjectError, InputError
+from hpstore.loading.ring import PREFIX, shm_dir
+from hpstore.loading.workers import WorkerError
+from tests.support.resume import check_resume
+from tests.test_loader import columns, write
+
+N = 1500
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, Any]:
+    return columns(N)
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory: pytest.TempPathFactory, data: dict[str, Any]) -> hpstore.Dataset:
+    return write(tmp_path_factory.mktemp("store"), data)
+
+
+def segments() -> set[str]:
+    """This process's shared-memory files."""
+    return {n for n in os.listdir(shm_dir()) if n.startswith(f"{PREFIX}{os.getpid()}-")}
+
+
+def same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if a.keys() != b.keys():
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            if not (isinstance(y, torch.Tensor) and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def test_processes_yield_the_same_batches_as_threads_over_epochs(ds: hpstore.Dataset) -> None:
+    kw: dict[str, Any] = {"with_index": True, "shuffle_window": 3, "num_workers": 2}
+    threads = Loader(ds, 64, **kw)
+    procs = Loader(ds, 64, workers="processes", **kw)
+    procs.start()
+    for _ in range(2):  # the second epoch reuses the workers and the ring's slots
+        a, b = list(threads), list(procs)
+        assert len(a) == len(b) == len(threads)
+        assert all(same(x, y) for x, y in zip(a, b, strict=True))
+        assert procs.state_dict() == threads.state_dict()
+    stats = procs.stats
+    assert stats["windows"] > 0 and stats["bytes_read"] > 0 and stats["chunk_misses"] > 0
+    procs.close()
+
+
+def test_kept_batches_keep_their_slots(ds: hpstore.Dataset) -> None:
+    """A consumer holding every batch of an epoch: the ring must make slots, never overwrite."""
+    procs = Loader(ds, 32, fields=["image", "label"], num_workers=2, workers="processes", shuffle_window=1)
+    kept = list(procs)
+    fresh = list(Loader(ds, 32, fields=["image", "label"], shuffle_window=1))
+    assert all(same(x, y) for x, y in zip(kept, fresh, strict=True))
+    assert procs._pool is not None and len(procs._pool.ring.slots) > procs._pool.max_slots
+    procs.close()
+    # The files are gone, the mappings stay valid while the batches are alive.
+    assert not segments()
+    assert all(same(x, y) for x, y in zip(kept, fresh, strict=True))
+
+
+def test_resume_is_the_same_in_both_modes(ds: hpstore.Dataset) -> None:
+    def make(workers: str) -> Any:
+        def build() -> Loader:
+            loader = Loader(
+                ds,
+                50,
+                fields=["label", "blob"],
+                with_index=True,
+                num_workers=2,
+                workers=workers,
+                shuffle_window=3,
+            )
+            loader.set_epoch(3)
+            return loader
+
+        return build
+
+    def key(b: dict[str, Any]) -> tuple[int, ...]:
+        assert np.array_equal(b["label"].numpy(), b["index"].numpy())
+        return tuple(b["index"].tolist())
+
+    steps = len(make("threads")())
+    full = check_resume(make("processes"), [0, 5, steps - 1, steps], key=key, make_resumed=make("threads"))
+    assert check_resume(make("threads"), [7], key=key, make_resumed=make("processes")) == full
+
+
+def test_a_worker_error_re_raises_in_the_consumer_with_its_type_and_message(
+    tmp_path: Path, data: dict[str, Any]
+) -> None:
+    ds = write(tmp_path / "s", data)
+    loader = Loader(ds, 32, fields=["image"], num_workers=2, workers="processes", cache_bytes=0)
+    loader.start()
+    for shard in sorted((tmp_path / "s").rglob("image/c/*/0/0")):  # corrupt before the first read
+        with open(shard, "r+b") as f:
+            f.seek(3)
+            b = f.read(1)[0]
+            f.seek(3)
+            f.write(bytes([b ^ 0xFF]))
+    with pytest.raises(CorruptObjectError, match=r"image/c/\d+/0/0: checksum mismatch") as info:
+        for _ in loader:
+            pass
+    assert any("loader worker process" in note for note in getattr(info.value, "__notes__", []))
+    loader.close()
+    assert not segments()
+
+
+def test_a_killed_worker_is_reported_and_replaced(ds: hpstore.Dataset) -> None:
+    loader = Loader(ds, 16, fields=["label"], num_workers=2, workers="processes", shuffle_window=1)
+    loader.start()
+    it = iter(loader)
+    next(it)
+    assert loader._pool is not None
+    victim = loader._pool.procs[1]
+    assert victim.pid is not None
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(WorkerError, match=r"worker process 1 .* exited with code -9"):
+        for _ in it:
+            pass
+    # The next iteration starts fresh workers and continues after the last batch delivered.
+    step = loader.state_dict()["step"]
+    rest = [b["label"] for b in loader]
+    assert len(rest) == len(loader) - step
+    loader.close()
+    assert not victim.is_alive() and not segments()
+
+
+def test_close_stops_the_workers_and_unlinks_all_shared_memory(ds: hpstore.Dataset) -> None:
+    before = segments()
+    loader = Loader(ds, 64, num_workers=2, workers="processes")
+    it = iter(loader)
+    next(it)  # mid-epoch: slots lent and jobs in flight
+    assert segments() - before
+    assert loader._pool is not None
+    procs = list(loader._pool.procs)
+    loader.close()
+    assert segments() == before
+    assert not any(p.is_alive() for p in procs)
+    # A closed loader starts again when iterated, after the last batch delivered.
+    assert len(list(loader)) == len(loader) - 1
+    loader.close()
+    assert segments() == before
+
+
+def test_a_dropped_loader_unlinks_its_shared_memory(ds: hpstore.Dataset) -> None:
+    before = segments()
+    loader = Loader(ds, 64, num_workers=1, workers="processes")
+    next(iter(loader))
+    assert segments() - before
+    del loader
+    assert segments() == before
+
+
+def test_bad_worker_options_fail_clearly(ds: hpstore.Dataset) -> None:
+    with pytest.raises(InputError, match="workers must be one of threads, processes, auto"):
+        Loader(ds, 8, workers="fibers")
+    with pytest.raises(InputError, match="needs num_workers >= 1"):
+        Loader(ds, 8, workers="processes")
