@@ -219,7 +219,7 @@ def _field_to_dict(f: FieldSpec) -> dict[str, Any]:
             arrow_type=f.arrow_type,
             arrow_schema=f.arrow_schema,
             codec=f.codec,
-            parts=[{"key": p.key, "batches": [list(b) for b in p.batches]} for p in f.parts],
+            parts=[{"key": p.key, "batches": p.batches} for p in f.parts],  # tuples encode as arrays
         )
     if f.attrs:
         d["attrs"] = f.attrs
