@@ -257,4 +257,8 @@ def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[F
     except ImportError:
         progress("ingest: dask not installed (pip install 'hpstore[dask]'); dask figures skipped")
         return commit_figures(cfg, progress)
-    return [*commit_figures(cfg, progress), memory_figure(cfg, progress), *scaling_figures(cfg, progress, npy)]
+    return [
+        *commit_figures(cfg, progress),
+        memory_figure(cfg, progress),
+        *scaling_figures(cfg, progress, npy),
+    ]

@@ -180,7 +180,9 @@ def test_killed_append_leaves_the_old_store(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "tools.ingest", str(tmp_path / "b" / "img.npy"), str(dst), "--append"]
     proc = subprocess.Popen([*cmd, *layout], cwd=REPO, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while proc.poll() is None and not (set(os.listdir(dst)) - gens - {LOCK_KEY}) and time.monotonic() < deadline:
+    while (
+        proc.poll() is None and not (set(os.listdir(dst)) - gens - {LOCK_KEY}) and time.monotonic() < deadline
+    ):
         time.sleep(0.002)
     time.sleep(0.05)
     alive = proc.poll() is None
@@ -240,7 +242,11 @@ def test_append_on_s3(tmp_path: Path, s3_server: S3Server) -> None:  # noqa: F81
     b = write_parquet(tmp_path / "b.parquet", 2100, 2)
     bucket = s3_server.create_bucket()
     dst = f"s3://{bucket}/dst"
-    opts = [f"endpoint_url={s3_server.endpoint}", f"key={s3_server.storage_options()['key']}", f"secret={SECRET}"]
+    opts = [
+        f"endpoint_url={s3_server.endpoint}",
+        f"key={s3_server.storage_options()['key']}",
+        f"secret={SECRET}",
+    ]
     flags = [x for o in opts for x in ("--storage-option", o)]
     assert ingest.main([str(tmp_path / "a.parquet"), dst, *flags, *LAYOUT]) == 0
     c = s3_server.client()
@@ -254,6 +260,8 @@ def test_append_on_s3(tmp_path: Path, s3_server: S3Server) -> None:  # noqa: F81
     assert ingest.main([str(tmp_path / "b.parquet"), dst, "--append", *flags, *LAYOUT]) == 0
     after = stamps()
     assert {k: after[k] for k in before} == before
-    assert {k: v for k, v in bucket_objects(s3_server, bucket, "dst/data-").items() if k in old_bytes} == old_bytes
+    assert {
+        k: v for k, v in bucket_objects(s3_server, bucket, "dst/data-").items() if k in old_bytes
+    } == old_bytes
     assert_rows(old[:], [a])
     assert_rows(rows_of(dst, storage_options=s3_server.storage_options()), [a, b])

@@ -211,9 +211,7 @@ def _field_to_dict(f: FieldSpec) -> dict[str, Any]:
     if f.is_array:
         d.update(dtype=f.dtype, shape=list(f.shape or ()), codec=f.codec)
         if f.segments:
-            d["segments"] = [
-                {"path": g.path, "shards": [g.first_shard, g.stop_shard]} for g in f.segments
-            ]
+            d["segments"] = [{"path": g.path, "shards": [g.first_shard, g.stop_shard]} for g in f.segments]
     else:
         d.update(
             arrow_type=f.arrow_type,

@@ -160,6 +160,8 @@ class _FieldWriter:
         self.name = name
         self.path = f"{sw.prefix}/{name}"
         self.is_array = isinstance(first, np.ndarray) if base is None else base.is_array
+        self.sample_shape: tuple[int, ...] = ()
+        self.arrow_type: pa.DataType | None = None
         if base is not None:
             self.dtype = base.dtype or ""
             self.sample_shape = tuple(base.shape or ())
@@ -167,8 +169,7 @@ class _FieldWriter:
         elif self.is_array:
             assert isinstance(first, np.ndarray)
             self.dtype = zf.check_dtype(first.dtype, f"field {name!r}")
-            self.sample_shape: tuple[int, ...] = tuple(int(d) for d in first.shape[1:])
-            self.arrow_type: pa.DataType | None = None
+            self.sample_shape = tuple(int(d) for d in first.shape[1:])
         else:
             self.arrow_type = _to_arrow(first).type
         self.raw_nbytes = 0  # uncompressed bytes seen, recorded in the manifest for ratios
@@ -299,12 +300,8 @@ class SplitWriter:
         self.first_shard = 0 if base is None else appending.first_shard(base)
         codec_name = self.codec["name"]
         if base is not None:
-            codec_name = next(
-                (f.codec["name"] for f in base.fields.values() if not f.is_array), codec_name
-            )
-        self.arrow_compression = (
-            None if codec_name == "none" else ("zstd" if codec_name == "zstd" else "lz4")
-        )
+            codec_name = next((f.codec["name"] for f in base.fields.values() if not f.is_array), codec_name)
+        self.arrow_compression = None if codec_name == "none" else ("zstd" if codec_name == "zstd" else "lz4")
         self.encode_pool = writer.encode_pool
         self.attrs = dict(attrs or {})
         self.fields: dict[str, _FieldWriter] = {}
