@@ -7,12 +7,17 @@
    ``--scheduler`` (its start-up, several seconds, is reported apart in ``extra``). Baseline of each
    figure: the single-process ingest of the same source, run alternately in the same loop.
 2. **Commit** (the serial part): building the manifest from N synthetic part results
-   (``assemble_split``) and writing it, for N up to 10,000. Target < 1 s at 10,000.
-3. **Peak RSS per worker** (``VmHWM`` of each worker process after a job), in ``extra``.
+   (``assemble_split``) and writing it, for N up to 10,000. Target < 1 s at 10,000. Baseline, run
+   alternately: the same commit with the manifest encoded as indented JSON (``indent=1``, what the
+   format wrote before it went compact), which is what made the commit of 10,000 parts take 4.4 s.
+3. **Peak RSS per worker** (``VmHWM`` of each worker process after a job), in ``extra``; and flat in
+   the source size: a fresh LocalCluster of 2 workers per size, the npy source at 1x and 4x, the
+   largest worker peak at 4x against the one at 1x (target: the same, within noise).
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import BenchConfig, Figure, Progress
-from hpstore.format.manifest import Manifest, commit_manifest
+from hpstore.format.manifest import MANIFEST_KEY, Manifest, _manifest_to_dict, commit_manifest
 from hpstore.format.parts import FieldPlan, PartResult, SplitPlan, assemble_split
 from hpstore.storage.local import LocalStorage
 from tools.ingest import IngestConfig, ingest
@@ -123,9 +128,12 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
     return figures
 
 
-def commit_seconds(root: Path, partitions: int) -> float:
+def commit_seconds(root: Path, partitions: int, *, indented: bool = False) -> tuple[float, float]:
     """Seconds to assemble and commit a split of ``partitions`` synthetic parts (2 fields: one
-    array shard and one Arrow part of 8 batches each), metadata objects and manifest included."""
+    array shard and one Arrow part of 8 batches each), metadata objects and manifest included.
+    ``indented``: the manifest encoded with ``json.dumps(indent=1)`` instead (the baseline).
+    Returns (wall seconds, CPU seconds of this process): on a shared machine the CPU time is the
+    figure that does not depend on what else runs."""
     shutil.rmtree(root, ignore_errors=True)
     storage = LocalStorage(str(root))
     gen = "data-20260101T000000-00000000"
@@ -166,12 +174,16 @@ def commit_seconds(root: Path, partitions: int) -> float:
         )
         for p in range(partitions)
     ]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     spec, objects = assemble_split(storage, plan, reversed(results))  # arrival order: any
-    commit_manifest(storage, Manifest(generation=gen, splits={"train": spec}, objects=objects))
-    seconds = time.perf_counter() - t0
+    manifest = Manifest(generation=gen, splits={"train": spec}, objects=objects)
+    if indented:
+        storage.write(MANIFEST_KEY, json.dumps(_manifest_to_dict(manifest), indent=1).encode())
+    else:
+        commit_manifest(storage, manifest)
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     shutil.rmtree(root, ignore_errors=True)
-    return seconds
+    return seconds, cpu
 
 
 def commit_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
@@ -179,17 +191,59 @@ def commit_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
     figures = []
     for n in (100, 1000, 10000):
         progress(f"ingest: commit of {n} partitions")
+        compact: list[tuple[float, float]] = []
+        indented: list[tuple[float, float]] = []
+        for _ in range(cfg.repeats):  # alternating, so load on the machine hits both alike
+            compact.append(commit_seconds(root, n))
+            indented.append(commit_seconds(root, n, indented=True))
         figures.append(
             Figure(
                 bench="ingest",
                 name=f"commit of {n} partitions (synthetic results, local disk)",
                 unit="s",
-                values=[commit_seconds(root, n) for _ in range(cfg.repeats)],
+                values=[w for w, _ in compact],
+                baseline="the same commit with an indented JSON manifest (indent=1, before)",
+                baseline_values=[w for w, _ in indented],
                 higher_is_better=False,
                 target="< 1 s" if n == 10000 else None,
+                extra={"cpu_s": [c for _, c in compact], "baseline_cpu_s": [c for _, c in indented]},
             )
         )
     return figures
+
+
+def memory_figure(cfg: BenchConfig, progress: Progress) -> Figure:
+    """Largest worker ``VmHWM`` after ingesting the npy source at 4x the size vs at 1x, each on a
+    fresh LocalCluster of 2 workers (a high-water mark only ever grows: one cluster per size)."""
+    import distributed
+
+    from benchmarks.ingest import npy_source
+
+    base = 32 if cfg.quick else 128
+    dst = cfg.data_dir / "ingest" / "store-dask-mem"
+    peaks: dict[int, float] = {}
+    for mb in (base, 4 * base):
+        npy = npy_source(cfg, mb)
+        progress(f"ingest: dask x2 worker peak memory, {mb} MB npy")
+        with (
+            distributed.LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            distributed.Client(cluster) as client,
+        ):
+            _ingest_seconds(npy, dst, engine="dask", scheduler=cluster.scheduler_address, codec="zstd")
+            peaks[mb] = max(_worker_peak_mb(client))
+    return Figure(
+        bench="ingest",
+        name=f"dask worker peak RSS, {4 * base} MB npy source (2 workers)",
+        unit="MB",
+        values=[peaks[4 * base]],
+        baseline=f"the same at {base} MB (a fresh cluster)",
+        baseline_values=[peaks[base]],
+        higher_is_better=False,
+        target="flat in the source size (ratio ~1)",
+        extra={"peak_mb_by_source_mb": peaks},
+    )
 
 
 def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[Figure]:
@@ -203,4 +257,8 @@ def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[F
     except ImportError:
         progress("ingest: dask not installed (pip install 'hpstore[dask]'); dask figures skipped")
         return commit_figures(cfg, progress)
-    return commit_figures(cfg, progress) + scaling_figures(cfg, progress, npy)
+    return [
+        *commit_figures(cfg, progress),
+        memory_figure(cfg, progress),
+        *scaling_figures(cfg, progress, npy),
+    ]

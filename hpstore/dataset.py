@@ -16,7 +16,14 @@ import numpy as np
 
 from hpstore.errors import IndexTypeError, InputError, InvalidIndexError
 from hpstore.format.chunks import ChunkReader
-from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec, check_listing, read_manifest
+from hpstore.format.manifest import (
+    FieldSpec,
+    Manifest,
+    SplitSpec,
+    check_listing,
+    list_objects,
+    read_manifest,
+)
 from hpstore.gather import gather
 from hpstore.storage.base import Storage
 from hpstore.storage.open import open_storage
@@ -71,7 +78,7 @@ def open(url: str, *, storage_options: Mapping[str, Any] | None = None, check: b
     storage = open_storage(url, storage_options)
     manifest = read_manifest(storage)
     if check:
-        check_listing(manifest, storage.list(manifest.generation), storage.url)
+        check_listing(manifest, list_objects(storage, manifest), storage.url)
     return Store(storage, manifest)
 
 

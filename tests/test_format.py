@@ -196,8 +196,10 @@ def first_shard(m: Manifest) -> str:
 
 def test_rejects_unknown_version(store: tuple[Path, Manifest]) -> None:
     root, _ = store
-    edit_manifest(root, lambda d: d.update(version=2))
-    with pytest.raises(ManifestError, match=r"unsupported format version 2 \(this hpstore reads version 1\)"):
+    edit_manifest(root, lambda d: d.update(version=3))
+    with pytest.raises(
+        ManifestError, match=r"unsupported format version 3 \(this hpstore reads versions 1, 2\)"
+    ):
         hpstore.open(str(root))
 
 

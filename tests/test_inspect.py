@@ -204,7 +204,7 @@ def test_module_entry_point_in_a_subprocess(store: tuple[Path, Manifest]) -> Non
         timeout=120,
     )
     assert ok.returncode == 0 and ok.stderr == "" and "OK" in ok.stdout
-    (root / MANIFEST_KEY).write_text('{"format": "hpstore", "version": 2}')
+    (root / MANIFEST_KEY).write_text('{"format": "hpstore", "version": 3}')
     bad = subprocess.run(
         [sys.executable, "-m", "tools.inspect", str(root)],
         cwd=REPO,
@@ -215,7 +215,7 @@ def test_module_entry_point_in_a_subprocess(store: tuple[Path, Manifest]) -> Non
     )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.splitlines() == [
-        f"inspect: error: {root}/manifest.json: unsupported format version 2 (this hpstore reads version 1)"
+        f"inspect: error: {root}/manifest.json: unsupported format version 3 (this hpstore reads versions 1, 2)"
     ]
 
 

@@ -57,6 +57,7 @@ class IngestConfig:
     split: str | None = None
     fields: tuple[tuple[str, str], ...] = ()
     overwrite: bool = False
+    append: bool = False
     break_lock: bool = False
     chunk_bytes: int = DEFAULT_LAYOUT.chunk_bytes
     shard_bytes: int = DEFAULT_LAYOUT.shard_bytes
@@ -83,6 +84,8 @@ class IngestConfig:
             raise InputError(f"unknown engine {self.engine!r} (choose from {', '.join(ENGINES)})")
         if self.scheduler is not None and self.engine != "dask":
             raise InputError("--scheduler needs --engine dask")
+        if self.overwrite and self.append:
+            raise InputError("--overwrite and --append exclude each other")
         self.layout()  # validates sizes, codec and level now, before any source is opened
 
     def layout(self) -> Layout:
@@ -117,6 +120,7 @@ class IngestConfig:
                 "workers": layout.workers,
                 "overwrite": self.overwrite,
                 **self.prepare.record(),
+                "append": self.append,
             },
         }
 
@@ -151,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a field from its own file (repeatable; the files must have equal row counts)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at DST")
+    p.add_argument(
+        "--append",
+        action="store_true",
+        help="add the rows to the store at DST: to the splits of the same name (same fields and "
+        "types; their chunk layout is kept) or as new splits, in a new generation that reuses the "
+        "existing objects",
+    )
     p.add_argument(
         "--break-lock",
         action="store_true",
@@ -232,6 +243,7 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
         split=a.split,
         fields=tuple(a.field),
         overwrite=a.overwrite,
+        append=a.append,
         break_lock=a.break_lock,
         chunk_bytes=a.chunk_bytes,
         shard_bytes=a.shard_bytes,
@@ -323,6 +335,7 @@ def ingest(cfg: IngestConfig, *, stream: TextIO = sys.stderr) -> IngestResult:
             storage,
             layout=cfg.layout(),
             overwrite=cfg.overwrite,
+            append=cfg.append,
             source=cfg.source_record(splits),
             break_lock=cfg.break_lock,
             tool="tools.ingest",

@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hpstore.errors import InputError
+from hpstore.format.append import arrow_type, check_schema, first_shard
+from hpstore.format.manifest import SplitSpec
 from hpstore.format.parts import FieldPlan, SplitPlan
 from hpstore.format.writer import Layout, _concat, _to_arrow, choose_codec, split_geometry
 from hpstore.format.zarr_shard import check_dtype
@@ -62,7 +64,7 @@ def plan_partitions(plan: SplitPlan, *, shards_per_partition: int = 1) -> list[P
     if shards_per_partition < 1:
         raise InputError("shards per partition must be at least 1")
     out = []
-    for i, first in enumerate(range(0, plan.num_shards, shards_per_partition)):
+    for i, first in enumerate(range(plan.first_shard, plan.num_shards, shards_per_partition)):
         n = min(shards_per_partition, plan.num_shards - first)
         start, stop = plan.rows_of(first, n)
         out.append(
@@ -81,9 +83,12 @@ def check_partitionable(source: Source, split: str) -> int:
     return source.num_rows
 
 
-def plan_split(source: Source, *, split: str, generation: str, layout: Layout) -> SplitPlan:
+def plan_split(
+    source: Source, *, split: str, generation: str, layout: Layout, base: SplitSpec | None = None
+) -> SplitPlan:
     """Fix a split's layout as ``StoreWriter`` would: geometry from the first batch the source
-    yields, each fixed-shape field's codec from the split's first chunk."""
+    yields, each fixed-shape field's codec from the split's first chunk. ``base``: the committed
+    split the source's rows are appended to, whose layout and types are kept."""
     num_rows = check_partitionable(source, split)
     it = source.batches()
     try:
@@ -94,6 +99,8 @@ def plan_split(source: Source, *, split: str, generation: str, layout: Layout) -
             close()
     if first is None or num_rows == 0:
         raise InputError(f"split {split!r}: no samples")
+    if base is not None:
+        return _append_plan(source, first, split=split, generation=generation, layout=layout, base=base)
     chunk_rows, chunks_per_shard = split_geometry(first, layout, num_rows)
     head = [b for b in read_rows(source, 0, min(chunk_rows, num_rows))]
     fields = []
@@ -120,6 +127,31 @@ def plan_split(source: Source, *, split: str, generation: str, layout: Layout) -
         fields=tuple(fields),
         codec=layout.codec,
         attrs=dict(source.attrs),
+    )
+
+
+def _append_plan(
+    source: Source, first: Batch, *, split: str, generation: str, layout: Layout, base: SplitSpec
+) -> SplitPlan:
+    check_schema(base, first, source.path)
+    fields = tuple(
+        FieldPlan(name=f.name, kind="array", dtype=f.dtype, shape=tuple(f.shape or ()), codec=f.codec)
+        if f.is_array
+        else FieldPlan(name=f.name, kind="variable", arrow_type=arrow_type(f))
+        for f in base.fields.values()
+    )
+    variable = [f.codec for f in base.fields.values() if not f.is_array]
+    return SplitPlan(
+        generation=generation,
+        split=split,
+        num_samples=base.num_samples + (source.num_rows or 0),
+        chunk_rows=base.chunk_rows,
+        chunks_per_shard=base.chunks_per_shard,
+        fields=fields,
+        codec=variable[0] if variable else layout.codec,
+        attrs={name: f.attrs for name, f in base.fields.items()},
+        first_shard=first_shard(base),
+        source_start=base.num_samples,
     )
 
 

@@ -64,7 +64,7 @@ class ChunkReader:
 
     def _shard(self, f: FieldSpec, chunk: int) -> tuple[str, int]:
         shard, inner = divmod(chunk, self.split.chunks_per_shard)
-        return zf.shard_key(f.path, shard, 1 + len(f.shape or ())), inner
+        return zf.shard_key(f.shard_path(shard), shard, 1 + len(f.shape or ())), inner
 
     def _load_indices(self, keys: Sequence[str]) -> None:
         need = sorted({k for k in keys if k not in self._indices})

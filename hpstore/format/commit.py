@@ -13,7 +13,9 @@ The rules, enforced here and nowhere else:
    only if its name matches the writer's ``GenerationNaming`` exactly (``data-20260102T030405-1a2b3c4d``
    for datasets); ``data-mnist/`` or ``data-raw/`` are someone else's and are never touched.
 3. **Garbage is what we wrote and nobody references.** ``collect_garbage`` deletes only owned
-   generations that the committed manifest does not name (leftovers of killed or superseded writes).
+   generations that the committed manifest does not reference (leftovers of killed or superseded
+   writes). A manifest may reference objects of several generations (a dataset append reuses the
+   shards of the generations before it): ``referenced_generations`` of its object keys are all kept.
 4. **A manifest that is not ours is never replaced.** ``check_destination`` refuses a root whose
    ``manifest.json`` does not parse as the expected format, whatever ``overwrite`` says, and a root
    without a manifest that holds anything we cannot prove we wrote.
@@ -36,7 +38,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -169,10 +171,16 @@ def _reason(exc: BaseException) -> str:
     return text.rsplit(": ", 1)[-1] if ": " in text else text
 
 
+def referenced_generations(keys: Iterable[str]) -> set[str]:
+    """The top-level prefixes (generations) of ``keys``: what a manifest listing them references."""
+    return {k.partition("/")[0] for k in keys if "/" in k}
+
+
 def collect_garbage(storage: Storage, naming: GenerationNaming, *, keep: Collection[str]) -> list[str]:
     """Delete our generations (rule 2) that are not in ``keep`` (rule 3); returns their names.
 
-    ``keep`` must hold the generation the committed manifest names, read *after* the commit."""
+    ``keep`` must hold every generation the committed manifest references (its own and
+    ``referenced_generations`` of its objects), read *after* the commit."""
     prefixes, _ = top_level(storage)
     gone = sorted(p for p in prefixes if naming.owns(p) and p not in keep)
     for name in gone:

@@ -58,10 +58,18 @@ class SplitPlan:
     fields: tuple[FieldPlan, ...]
     codec: Codec
     attrs: Mapping[str, dict[str, Any]]
+    first_shard: int = 0
+    """Appending (``hpstore.format.append``): the shards before this one are committed already and
+    kept; parts cover ``first_shard .. num_shards``."""
+    source_start: int = 0
+    """The split row that the source's first row becomes (the committed rows come before it; those
+    from ``first_shard * shard_rows`` on are written again, ahead of the source's)."""
 
     def __post_init__(self) -> None:
         if self.chunk_rows < 1 or self.chunks_per_shard < 1 or self.num_samples < 0:
             raise InputError(f"split {self.split!r}: invalid layout")
+        if not self.first_shard * self.shard_rows <= self.source_start <= self.num_samples:
+            raise InputError(f"split {self.split!r}: invalid append position")
 
     @property
     def shard_rows(self) -> int:
@@ -234,12 +242,14 @@ def assemble_split(
     """The split's manifest entry from its parts' results, plus its metadata objects (written here).
 
     Refuses results that do not cover every shard exactly once: a commit must never list a hole.
+    When appending, the entry covers shards ``plan.first_shard ..`` (``StoreWriter`` joins it to
+    the committed ones).
     """
     ordered = sorted(results, key=lambda r: r.first_shard)
     objects: dict[str, ObjectEntry] = {}
     parts: dict[str, dict[int, ArrowPart]] = {f.name: {} for f in plan.fields if f.kind == "variable"}
     nbytes = {f.name: 0 for f in plan.fields if f.kind == "variable"}
-    rows = 0
+    rows = plan.first_shard * plan.shard_rows
     for r in ordered:
         if r.split != plan.split or r.first_shard * plan.shard_rows != rows:
             raise InputError(

@@ -18,7 +18,6 @@ flight.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,8 +27,7 @@ from typing import Literal
 
 from hpstore.checksum import crc32c
 from hpstore.errors import ObjectNotFoundError, StorageError
-from hpstore.format import zarr_shard as zf
-from hpstore.format.manifest import Manifest, ObjectEntry
+from hpstore.format.manifest import Manifest, ObjectEntry, list_objects, referenced_keys
 from hpstore.storage.base import Storage
 
 ProblemKind = Literal["missing", "truncated", "resized", "corrupt", "extra", "unlisted", "unreadable"]
@@ -87,7 +85,7 @@ def verify(
     """Check every object of ``manifest`` in ``storage``; ``progress(n)`` is called with each
     block's byte count as it is checked (from one thread at a time)."""
     t0 = time.perf_counter()
-    listing = storage.list(manifest.generation)
+    listing = list_objects(storage, manifest)
     problems = [*_listing_problems(manifest, listing), *_unlisted(manifest)]
     to_read = sorted(k for k, o in manifest.objects.items() if k in listing and listing[k] == o.size)
     lock = threading.Lock()
@@ -130,22 +128,6 @@ def _listing_problems(manifest: Manifest, listing: dict[str, int]) -> Iterator[P
     for key in listing:
         if key.startswith(prefix) and key not in manifest.objects:
             yield Problem(key=key, kind="extra", detail="in the store, not in the manifest")
-
-
-def referenced_keys(manifest: Manifest) -> list[str]:
-    """Every object key the splits of ``manifest`` point at, by the layout of format v1."""
-    keys = [f"{manifest.generation}/zarr.json"]
-    for split in manifest.splits.values():
-        keys.append(f"{manifest.generation}/{split.name}/zarr.json")
-        shards = math.ceil(split.num_chunks / split.chunks_per_shard)
-        for f in split.fields.values():
-            if f.is_array:
-                ndim = 1 + len(f.shape or ())
-                keys.append(f"{f.path}/zarr.json")
-                keys.extend(zf.shard_key(f.path, s, ndim) for s in range(shards))
-            else:
-                keys.extend(p.key for p in f.parts)
-    return keys
 
 
 def _unlisted(manifest: Manifest) -> Iterator[Problem]:

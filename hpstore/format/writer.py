@@ -14,6 +14,7 @@ chunks per worker plus the encoded shards being assembled, whatever the dataset 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
 import math
 import threading
@@ -26,7 +27,8 @@ import numpy as np
 import pyarrow as pa
 
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import InputError
+from hpstore.errors import InputError, StoreNotFoundError
+from hpstore.format import append as appending
 from hpstore.format import zarr_shard as zf
 from hpstore.format.commit import (
     STORE_GENERATIONS,
@@ -44,6 +46,7 @@ from hpstore.format.manifest import (
     commit_manifest,
     parse_manifest,
     read_manifest,
+    referenced_keys,
 )
 from hpstore.storage.base import Storage
 
@@ -148,23 +151,32 @@ def encode_arrow_part(
 
 
 class _FieldWriter:
-    """Encodes chunks of one field and writes them, one job per shard or Arrow part."""
+    """Encodes chunks of one field and writes them, one job per shard or Arrow part.
 
-    def __init__(self, sw: SplitWriter, name: str, first: Column) -> None:
+    ``base``: the field as committed, when appending to it (its dtype, shape, type and codec)."""
+
+    def __init__(self, sw: SplitWriter, name: str, first: Column, base: FieldSpec | None = None) -> None:
         self.sw = sw
         self.name = name
         self.path = f"{sw.prefix}/{name}"
-        self.is_array = isinstance(first, np.ndarray)
-        if self.is_array:
+        self.is_array = isinstance(first, np.ndarray) if base is None else base.is_array
+        self.sample_shape: tuple[int, ...] = ()
+        self.arrow_type: pa.DataType | None = None
+        if base is not None:
+            self.dtype = base.dtype or ""
+            self.sample_shape = tuple(base.shape or ())
+            self.arrow_type = None if base.is_array else appending.arrow_type(base)
+        elif self.is_array:
             assert isinstance(first, np.ndarray)
             self.dtype = zf.check_dtype(first.dtype, f"field {name!r}")
-            self.sample_shape: tuple[int, ...] = tuple(int(d) for d in first.shape[1:])
-            self.arrow_type: pa.DataType | None = None
+            self.sample_shape = tuple(int(d) for d in first.shape[1:])
         else:
             self.arrow_type = _to_arrow(first).type
         self.raw_nbytes = 0  # uncompressed bytes seen, recorded in the manifest for ratios
         self.pending: list[Future[Any]] = []  # chunks of the shard being assembled
         self.codec: Codec | None = None  # chosen at the first chunk (see _choose_codec)
+        if base is not None and base.is_array:
+            self.codec = base.codec
         self.shard_jobs: list[Future[Any]] = []
 
     def check(self, col: Column) -> None:
@@ -203,7 +215,7 @@ class _FieldWriter:
     def flush_shard(self) -> None:
         if not self.pending:
             return
-        shard = len(self.shard_jobs)
+        shard = self.sw.first_shard + len(self.shard_jobs)
         chunks, self.pending = self.pending, []
         job = self._write_shard if self.is_array else self._write_part
         self.shard_jobs.append(self.sw.writer.submit_write(job, shard, chunks))
@@ -275,15 +287,21 @@ class SplitWriter:
         name: str,
         attrs: Mapping[str, dict[str, Any]] | None = None,
         num_rows: int | None = None,
+        base: SplitSpec | None = None,
     ) -> None:
         self.writer = writer
         self.name = name
         self.expected_rows = num_rows
         self.prefix = f"{writer.generation}/{name}"
         self.codec = writer.layout.codec
-        self.arrow_compression = (
-            None if self.codec["name"] == "none" else ("zstd" if self.codec["name"] == "zstd" else "lz4")
-        )
+        self.base = base
+        """The committed split this one appends to: its geometry and types are kept, and shards
+        start at ``first_shard`` (``hpstore.format.append``)."""
+        self.first_shard = 0 if base is None else appending.first_shard(base)
+        codec_name = self.codec["name"]
+        if base is not None:
+            codec_name = next((f.codec["name"] for f in base.fields.values() if not f.is_array), codec_name)
+        self.arrow_compression = None if codec_name == "none" else ("zstd" if codec_name == "zstd" else "lz4")
         self.encode_pool = writer.encode_pool
         self.attrs = dict(attrs or {})
         self.fields: dict[str, _FieldWriter] = {}
@@ -292,6 +310,13 @@ class SplitWriter:
         self.num_samples = 0
         self.chunk_rows = 0
         self.chunks_per_shard = 0
+        self.source_rows = 0
+        if base is not None:
+            self.chunk_rows, self.chunks_per_shard = base.chunk_rows, base.chunks_per_shard
+            self.num_samples = self.first_shard * base.shard_rows
+            for fname, f in base.fields.items():
+                self.fields[fname] = _FieldWriter(self, fname, None, base=f)
+                self.buffer[fname] = []
 
     def _start(self, batch: Mapping[str, Column]) -> None:
         if not batch:
@@ -302,6 +327,12 @@ class SplitWriter:
             self.buffer[name] = []
 
     def append(self, batch: Mapping[str, Column]) -> None:
+        if self.base is not None:
+            appending.check_schema(self.base, batch, self.writer.storage.url)
+        self._take(batch)
+        self.source_rows += len(next(iter(batch.values())))
+
+    def _take(self, batch: Mapping[str, Column]) -> None:
         if not self.fields:
             self._start(batch)
         if set(batch) != set(self.fields):
@@ -329,7 +360,7 @@ class SplitWriter:
         self.buffered -= rows
 
     def finish(self) -> tuple[SplitSpec, dict[str, ObjectEntry]]:
-        if not self.fields:
+        if not self.fields or not self.source_rows:
             raise InputError(f"split {self.name!r}: no samples")
         if self.buffered:
             self._emit(self.buffered)
@@ -361,7 +392,11 @@ class StoreWriter:
     store of ours (``overwrite`` to replace it; a foreign ``manifest.json`` is never replaced), the
     writer holds the store's writer lock from here to ``close`` (a second writer fails at once;
     ``break_lock`` removes the lock a killed writer left), and after the commit only generations
-    of our exact naming that the committed manifest does not name are deleted.
+    of our exact naming that the committed manifest does not reference are deleted.
+
+    ``append``: the destination must hold a store; the commit keeps its splits and objects, adds
+    new splits, and extends the ones written again (``split(name)`` of an existing split continues
+    it: ``hpstore.format.append``). The generations of the store appended to are all kept.
     """
 
     def __init__(
@@ -370,18 +405,22 @@ class StoreWriter:
         *,
         layout: Layout | None = None,
         overwrite: bool = False,
+        append: bool = False,
         source: dict[str, Any] | None = None,
         break_lock: bool = False,
         tool: str = "hpstore.StoreWriter",
     ) -> None:
+        if overwrite and append:
+            raise InputError("--overwrite and --append exclude each other")
         self.storage = storage
         self.layout = layout or Layout()
         # Checked before the lock too, so that nothing (not even a lock) is written into a
         # destination that is not ours; checked again under the lock, where it is decisive.
-        check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        _check(storage, overwrite=overwrite, append=append)
         self.lock = WriterLock.acquire(storage, tool=tool, break_lock=break_lock)
         try:
-            check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+            # Read under the lock: no other writer can commit between this read and our commit.
+            base = _check(storage, overwrite=overwrite, append=append)
         except BaseException:
             self.lock.release()
             raise
@@ -394,6 +433,7 @@ class StoreWriter:
         self._encoding = threading.BoundedSemaphore(2 * self.layout.workers)
         self.splits: dict[str, SplitSpec] = {}
         self.objects: dict[str, ObjectEntry] = {}
+        self.base = base
         self.bytes_in = 0
         self._committed = False
 
@@ -433,39 +473,70 @@ class StoreWriter:
         shard at the split's chunk count (a hint: more rows than that only make more shards)."""
         if name in self.splits:
             raise InputError(f"split {name!r} given twice")
-        return SplitWriter(self, name, attrs, num_rows)
+        base = self.base_split(name)
+        sw = SplitWriter(self, name, attrs, num_rows, base=base)
+        if base is not None and self.base is not None:
+            rows = appending.tail_rows(self.storage, self.base, base)
+            if rows is not None:
+                sw._take(rows)
+        return sw
+
+    def base_split(self, name: str) -> SplitSpec | None:
+        """The committed split ``name`` this writer appends to, if any."""
+        return None if self.base is None else self.base.splits.get(name)
 
     def add_split(self, sw: SplitWriter) -> SplitSpec:
         spec, objects = sw.finish()
-        self.splits[spec.name] = spec
-        self.objects.update(objects)
-        return spec
+        self.add_written_split(spec, objects)
+        return self.splits[spec.name]
 
     def add_written_split(self, spec: SplitSpec, objects: Mapping[str, ObjectEntry]) -> None:
         """Record a split whose objects other processes wrote under this generation (partitions
-        written in parallel, ``hpstore.format.parts``); ``commit`` then lists them."""
+        written in parallel, ``hpstore.format.parts``); ``commit`` then lists them. When appending
+        to a committed split, ``spec`` holds its shards from ``append.first_shard`` on."""
         if spec.name in self.splits:
             raise InputError(f"split {spec.name!r} given twice")
+        base = self.base_split(spec.name)
+        if base is not None and self.base is not None:
+            spec, objects = appending.extend_split(base, self.base.objects, spec, objects)
         self.splits[spec.name] = spec
         self.objects.update(objects)
 
     def commit(self) -> Manifest:
         if not self.splits:
             raise InputError("nothing to commit: no splits were written")
+        splits, source = dict(self.splits), self.source
+        if self.base is not None:
+            splits = {**self.base.splits, **self.splits}
+            source = {**self.base.source, "appends": [*self.base.source.get("appends", []), self.source]}
+            for name in self.base.splits.keys() - self.splits.keys():
+                # Splits carried over unchanged: their group metadata in this generation too, so
+                # that the generation's Zarr group lists every split.
+                key, entry = self.put(f"{self.generation}/{name}/zarr.json", zf.group_metadata())
+                self.objects[key] = entry
         key, entry = self.put(f"{self.generation}/zarr.json", zf.group_metadata({"hpstore": "data root"}))
         self.objects[key] = entry
         manifest = Manifest(
             generation=self.generation,
-            splits=self.splits,
+            splits=splits,
             objects=self.objects,
-            source=self.source,
+            source=source,
             created=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         )
+        if self.base is not None:
+            # Exactly the objects the splits reference: the carried splits' from the base
+            # manifest (sizes and checksums as recorded), everything else as just written.
+            objects = {k: self.objects.get(k) or self.base.objects[k] for k in referenced_keys(manifest)}
+            manifest = dataclasses.replace(manifest, objects=objects)
         commit_manifest(self.storage, manifest)
         self._committed = True
-        # Earlier stores and killed writes: re-read what is committed now, and keep it whatever it is.
-        committed = read_manifest(self.storage).generation
-        collect_garbage(self.storage, STORE_GENERATIONS, keep={self.generation, committed})
+        # Earlier stores and killed writes: re-read what is committed now, and keep whatever it
+        # references; after an append, also what the store appended to referenced (readers that
+        # opened it before this commit keep reading it).
+        keep = {self.generation} | read_manifest(self.storage).generations
+        if self.base is not None:
+            keep |= self.base.generations
+        collect_garbage(self.storage, STORE_GENERATIONS, keep=keep)
         return manifest
 
     def close(self, *, abandon: bool) -> None:
@@ -479,3 +550,16 @@ class StoreWriter:
                     pass
         finally:
             self.lock.release()
+
+
+def _check(storage: Storage, *, overwrite: bool, append: bool) -> Manifest | None:
+    """The destination check of the commit protocol; with ``append``, the store appended to."""
+    if not append:
+        check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=overwrite)
+        return None
+    # A foreign or unreadable manifest is refused as for an overwrite; then there must be one.
+    check_destination(storage, STORE_GENERATIONS, parse_manifest, overwrite=True)
+    try:
+        return read_manifest(storage)
+    except StoreNotFoundError:
+        raise InputError(f"{storage.url}: --append needs an existing store (there is none here)") from None

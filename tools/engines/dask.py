@@ -17,6 +17,7 @@ returned.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -25,13 +26,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpstore.errors import InputError
+from hpstore.format.append import tail_rows
 from hpstore.format.parts import PartResult, SplitPlan, assemble_split, write_part
 from hpstore.format.writer import StoreWriter
 from hpstore.storage.base import Storage
 from hpstore.storage.local import LocalStorage
 from hpstore.storage.open import open_storage
 from tools.partitions import Partition, plan_partitions, plan_split, read_rows
-from tools.sources.base import Source, Split
+from tools.sources.base import Batch, Source, Split
 from tools.sources.prefetch import prefetched
 
 Progress = Callable[[int, int], None]
@@ -94,10 +96,16 @@ def write_partition(
     storage_url: str,
     storage_options: Mapping[str, Any],
     threads: int,
+    head: Batch | None = None,
 ) -> PartResult:
-    """One task: rows of ``part`` from the source, encoded into its shards under the generation."""
+    """One task: rows of ``part`` from the source, encoded into its shards under the generation.
+
+    ``head``: when appending, the committed rows of the split's partial last shard, which the
+    first partition writes again ahead of the source's rows (``hpstore.format.append``)."""
     storage = open_storage(storage_url, storage_options)
-    batches = prefetched(read_rows(source, part.start, part.stop))
+    lo = max(part.start, plan.source_start) - plan.source_start
+    rows = read_rows(source, lo, part.stop - plan.source_start)
+    batches = prefetched(itertools.chain([head] if head is not None else [], rows))
     try:
         return write_part(
             storage,
@@ -109,6 +117,18 @@ def write_partition(
         )
     finally:
         batches.close()
+
+
+def _head(writer: StoreWriter, split: str) -> Batch | None:
+    """The committed rows an append to ``split`` writes again (at most one shard), or ``None``."""
+    base = writer.base_split(split)
+    if base is None or writer.base is None:
+        return None
+    return tail_rows(writer.storage, writer.base, base)
+
+
+def _rows(batch: Batch | None) -> int:
+    return 0 if batch is None else len(next(iter(batch.values())))
 
 
 def remove_strays(storage: Storage, generation: str, keep: set[str]) -> int:
@@ -137,8 +157,17 @@ def run(
 ) -> None:
     """Write every split's partitions on Dask and give the writer each split's entry (no commit)."""
     plans = [
-        plan_split(s.source, split=s.name, generation=writer.generation, layout=writer.layout) for s in splits
+        plan_split(
+            s.source,
+            split=s.name,
+            generation=writer.generation,
+            layout=writer.layout,
+            base=writer.base_split(s.name),
+        )
+        for s in splits
     ]
+    heads = {plan.split: _head(writer, plan.split) for plan in plans}
+    first = {plan.split: plan.first_shard for plan in plans}
     work = [
         (s, plan, p)
         for s, plan in zip(splits, plans, strict=True)
@@ -158,6 +187,7 @@ def run(
                 storage_url,
                 dict(storage_options),
                 opts.threads,
+                heads[p.split] if p.index == 0 else None,
                 key=f"hpstore-{writer.generation}-{p.split}-{p.index:06d}",
                 pure=False,
             )
@@ -167,7 +197,8 @@ def run(
             for fut in distributed.as_completed(futures):
                 r: PartResult = fut.result()
                 results[r.split].append(r)
-                progress(r.rows, r.source_bytes)
+                rewritten = _rows(heads[r.split]) if r.first_shard == first[r.split] else 0
+                progress(r.rows - rewritten, r.source_bytes)
         finally:
             client.cancel(futures)
     # Workers are gone (LocalCluster) or idle: nothing writes into the generation any more.
