@@ -197,3 +197,15 @@ def test_local_overwrite_keeps_the_file_and_leaves_no_temp_files(tmp_path: os.Pa
     st.overwrite("o", b"y" * 10)
     assert os.stat(os.path.join(tmp_path, "o")).st_ino == inode  # rewritten in place
     assert os.listdir(tmp_path) == ["o"] and st.read("o") == b"y" * 10
+
+
+def test_local_listing_never_shows_a_write_in_flight(tmp_path: os.PathLike[str]) -> None:
+    # What a write killed between its temp file and its rename leaves is not an object: listings
+    # (and so the commit protocol's "is this destination ours?") never see it.
+    st = LocalStorage(str(tmp_path))
+    st.write("g/obj", b"x")
+    with open(os.path.join(tmp_path, "manifest.json.tmp-0123456789ab"), "wb") as f:
+        f.write(b"{")
+    with open(os.path.join(tmp_path, "g", "obj.tmp-abcdef012345"), "wb") as f:
+        f.write(b"partial")
+    assert st.list() == {"g/obj": 1}

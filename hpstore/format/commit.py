@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 MANIFEST_KEY = "manifest.json"
 LOCK_KEY = "writer.lock"
 LOCK_FORMAT = "hpstore-writer-lock"
-_MANIFEST_TMP = re.compile(r"^manifest\.json\.tmp-[0-9a-f]{12}$")
-"""A local manifest write killed between its temp file and its rename (``LocalStorage.write``)."""
 
 M = TypeVar("M")
 Parse = Callable[[bytes, str], M]
@@ -154,10 +152,7 @@ def check_destination(
             )
         return
     prefixes, plain = top_level(storage)
-    foreign = sorted(
-        {p + "/" for p in prefixes if not naming.owns(p)}
-        | {k for k in plain if k != LOCK_KEY and not _MANIFEST_TMP.match(k)}
-    )
+    foreign = sorted({p + "/" for p in prefixes if not naming.owns(p)} | {k for k in plain if k != LOCK_KEY})
     if foreign:
         more = ", ..." if len(foreign) > 3 else ""
         raise ForeignDataError(

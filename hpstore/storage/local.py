@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import time
 import uuid
 
 from hpstore.errors import ObjectNotFoundError, StorageError
 from hpstore.storage import direct_io
 from hpstore.storage.base import Capabilities, Storage, StorageStats, check_key
+
+_TEMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
+
+
+def _temp_path(path: str) -> str:
+    """Where a write of ``path`` lands before its rename or link: never listed as an object."""
+    return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
 
 
 class LocalStorage(Storage):
@@ -84,7 +92,7 @@ class LocalStorage(Storage):
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         t0 = time.perf_counter()
         path = self._path(key)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = _temp_path(path)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             direct = self._put(tmp, data, new=True)
@@ -109,7 +117,7 @@ class LocalStorage(Storage):
         never sees the object partly written."""
         t0 = time.perf_counter()
         path = self._path(key)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+        tmp = _temp_path(path)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "xb") as f:
@@ -189,6 +197,8 @@ class LocalStorage(Storage):
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
             for name in files:
+                if _TEMP.search(name):  # a write in flight (or one a killed process left): not an object
+                    continue
                 key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
                 try:
                     out[key] = os.stat(os.path.join(dirpath, name)).st_size
