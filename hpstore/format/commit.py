@@ -152,7 +152,10 @@ def check_destination(
             )
         return
     prefixes, plain = top_level(storage)
-    foreign = sorted({p + "/" for p in prefixes if not naming.owns(p)} | {k for k in plain if k != LOCK_KEY})
+    foreign = sorted(
+        {p + "/" for p in prefixes if not naming.owns(p)}
+        | {k for k in plain if k != LOCK_KEY and not storage.is_scratch(k)}
+    )
     if foreign:
         more = ", ..." if len(foreign) > 3 else ""
         raise ForeignDataError(

@@ -157,6 +157,13 @@ class Storage(ABC):
     def delete_prefix(self, prefix: str) -> None:
         """Delete every object under ``prefix`` (a directory-like prefix or a single key)."""
 
+    def is_scratch(self, key: str) -> bool:
+        """Whether a listed ``key`` is this backend's own scratch (a write in flight, or one a killed
+        process left: a local temp file before its rename), not an object anyone wrote. Listings
+        show scratch, so that garbage collection can remove it with what holds it; the commit
+        protocol never counts it as someone else's data."""
+        return False
+
     def exists(self, key: str) -> bool:
         try:
             self.size(key)
@@ -192,6 +199,9 @@ class PrefixStorage(Storage):
 
     def _k(self, key: str) -> str:
         return f"{self.prefix}/{check_key(key)}"
+
+    def is_scratch(self, key: str) -> bool:
+        return self.inner.is_scratch(self._k(key))
 
     def read(self, key: str) -> bytes:
         return self.inner.read(self._k(key))

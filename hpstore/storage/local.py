@@ -189,6 +189,9 @@ class LocalStorage(Storage):
         except FileNotFoundError:
             raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
 
+    def is_scratch(self, key: str) -> bool:
+        return _TEMP.search(key) is not None
+
     def list(self, prefix: str = "") -> dict[str, int]:
         base = self._path(prefix) if prefix else self.root
         if os.path.isfile(base):
@@ -197,8 +200,6 @@ class LocalStorage(Storage):
         for dirpath, _dirs, files in os.walk(base):
             rel = os.path.relpath(dirpath, self.root)
             for name in files:
-                if _TEMP.search(name):  # a write in flight (or one a killed process left): not an object
-                    continue
                 key = name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}"
                 try:
                     out[key] = os.stat(os.path.join(dirpath, name)).st_size

@@ -66,6 +66,9 @@ class ForwardingStorage(Storage):
     def sync(self) -> None:
         self.inner.sync()
 
+    def is_scratch(self, key: str) -> bool:
+        return self.inner.is_scratch(key)
+
     def size(self, key: str) -> int:
         return self.inner.size(key)
 
