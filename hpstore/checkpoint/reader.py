@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpstore.checkpoint.manifest import MANIFEST_KEY, CheckpointManifest
+from hpstore.checkpoint.manifest import GROUP_KEY, MANIFEST_KEY, CheckpointManifest
 from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, parse_step, step_prefix
 from hpstore.checkpoint.tree import TORCH_DTYPES, Leaf, unflatten
 from hpstore.checksum import crc32c_hex
@@ -84,14 +84,20 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
     st = storage.child(step_prefix(step))
     tree = _read_tree(st, manifest)
     outputs = [_empty(a) for a in manifest.arrays]
-    jobs = [(a, c) for a in manifest.arrays for c in a.chunks]
-    jobs.sort(key=lambda j: -j[1].stored)
+    jobs: list[tuple[ArraySpec, ChunkSpec] | str] = [(a, c) for a in manifest.arrays for c in a.chunks]
+    jobs.sort(key=lambda j: -j[1].stored if isinstance(j, tuple) else 0)
+    # The Zarr metadata (group and array zarr.json) is what any other reader trusts: verify it too,
+    # in the same pool, after the chunks (a few small reads that hide behind the big ones).
+    jobs.extend(metadata_keys(manifest))
     # An array moves to map_location as soon as its last chunk lands, from the reading thread,
     # so host-to-device copies overlap the reads of the other arrays.
     pending = [len(a.chunks) for a in manifest.arrays]
     lock = threading.Lock()
 
-    def fetch(job: tuple[ArraySpec, ChunkSpec]) -> None:
+    def fetch(job: tuple[ArraySpec, ChunkSpec] | str) -> None:
+        if isinstance(job, str):
+            _read_verified(st, manifest, job)
+            return
         a, c = job
         key = manifest.array_object(a, c.key)
         dst = _byte_view(outputs[a.index])[c.offset : c.offset + c.nbytes]
@@ -110,6 +116,11 @@ def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: 
         if not a.chunks:  # empty arrays have no chunk to trigger the move
             outputs[a.index] = _place(outputs[a.index], map_location)
     return unflatten(tree, outputs, where=f"{st.url}/{manifest.tree_key}")
+
+
+def metadata_keys(manifest: CheckpointManifest) -> list[str]:
+    """Every Zarr metadata object of a checkpoint (``zarr.json`` of its groups and arrays)."""
+    return [k for k in manifest.objects if k == GROUP_KEY or k.endswith(f"/{GROUP_KEY}")]
 
 
 def _place(leaf: Leaf, map_location: Any) -> Leaf:
