@@ -18,6 +18,7 @@ from hpstore.options import OneLineParser, parse_size, parse_storage_option
 ModelName = Literal["mlp", "cnn", "linear"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
+ParallelName = Literal["ddp", "fsdp"]
 
 AUTO_EVAL = "auto"
 """``--eval-split`` default: the ``test`` split when the store has one, else no evaluation."""
@@ -38,6 +39,7 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"
     amp: AmpName = "none"
+    parallel: ParallelName = "ddp"
     workers: int = 2
     cache_bytes: int = 256 << 20
     prefetch_bytes: int = 64 << 20
@@ -110,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--amp", choices=["none", "bf16"], default=d.amp, help="autocast dtype")
     p.add_argument(
+        "--parallel", choices=["ddp", "fsdp"], default=d.parallel,
+        help="ddp: replicated model; fsdp: parameters, gradients and optimizer state sharded (FSDP2)",
+    )  # fmt: skip
+    p.add_argument(
         "--workers",
         type=int,
         default=d.workers,
@@ -178,6 +184,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         seed=a.seed,
         device=a.device,
         amp=a.amp,
+        parallel=a.parallel,
         workers=a.workers,
         cache_bytes=a.cache_bytes,
         prefetch_bytes=a.prefetch_bytes,
