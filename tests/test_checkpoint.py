@@ -422,7 +422,7 @@ def test_corrupt_zarr_metadata_is_detected_on_load(tmp_path: Path, which: str) -
         text = path.read_text().replace('"step": 2', '"step": 9')
     path.write_text(text)
     ck2 = Checkpointer(str(tmp_path))
-    with pytest.raises(CheckpointError, match="checksum mismatch|bytes, manifest says") as err:
+    with pytest.raises(CheckpointError, match=r"checksum mismatch|bytes, manifest says") as err:
         ck2.load(step=2)
     if which == "array":
         assert "array 'w'" in str(err.value)

@@ -17,6 +17,7 @@ Every multi-process case is a real ``torchrun`` job over gloo on the CPU:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -65,7 +66,7 @@ def test_chunks_never_straddle_two_ranks(n: int, world: int) -> None:
     rows = chunks[0]
     ranges = [shard_range(n, world, r) for r in range(world)]
     assert ranges[0][0] == 0 and ranges[-1][1] == n
-    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
     for start in range(0, n, rows):
         owners = {r for r, (lo, hi) in enumerate(ranges) if lo <= start < hi}
         end = min(n, start + rows) - 1
@@ -106,7 +107,11 @@ def test_sharded_save_loads_whole_and_reads_with_plain_zarr(saved: Path) -> None
         z = zarr.open_array(str(gen / by_name[name.replace("|", "/")]["key"]), mode="r")
         assert np.array_equal(z[...], full[name]), name
     sharded = [a for a in by_name.values() if a.get("shard_rows")]
-    assert {a["name"] for a in sharded} >= {"model/0.weight", "model/4.weight", "optim/state/2.weight/exp_avg"}
+    assert {a["name"] for a in sharded} >= {
+        "model/0.weight",
+        "model/4.weight",
+        "optim/state/2.weight/exp_avg",
+    }
     assert all(a["shard_rows"] % a["chunk_shape"][0] == 0 for a in sharded)
 
 
@@ -117,7 +122,9 @@ def test_reshard_onto_three_ranks_reads_its_rows(saved: Path) -> None:
 
 def test_wrong_shape_or_dtype_target_names_the_tensor(saved: Path) -> None:
     ck = Checkpointer(str(saved / "ck"))
-    with pytest.raises(CheckpointError, match=r"tensor 'model/2.weight' is saved as tensor float32\[37, 300\]"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'model/2.weight' is saved as tensor float32\[37, 300\]"
+    ):
         ck.load(target={"model": {"2.weight": torch.zeros(36, 300)}})
     with pytest.raises(CheckpointError, match=r"'model/2.bias'.*target wants tensor float64"):
         ck.load(target={"model": {"2.bias": torch.zeros(37, dtype=torch.float64)}})

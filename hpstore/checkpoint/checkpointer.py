@@ -301,7 +301,7 @@ class Checkpointer:
     @staticmethod
     def _source(spec: ArraySpec, leaves: list[Leaf], rank_leaves: list[Leaf]) -> Leaf:
         leaf = rank_leaves[spec.index] if spec.group else leaves[spec.index]
-        return leaf.to_local() if is_dtensor(leaf) else leaf  # type: ignore[union-attr]
+        return leaf.to_local() if is_dtensor(leaf) else leaf
 
     def _persist_distributed(
         self, step: int, plan: RankPlan, snap: Snapshot, tree: bytes, rank_tree: bytes,

@@ -28,7 +28,7 @@ import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as tdist
@@ -37,10 +37,7 @@ from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, array_key, array_specs
 from hpstore.checkpoint.tree import Leaf, Path, path_str
 from hpstore.errors import CheckpointError
 
-try:  # torch builds without distributed support have no DTensor
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 @dataclass(frozen=True)
@@ -49,8 +46,8 @@ class World:
     size: int
 
 
-def is_dtensor(x: object) -> bool:
-    return DTensor is not None and isinstance(x, DTensor)
+def is_dtensor(x: object) -> TypeGuard[DTensor]:
+    return isinstance(x, DTensor)
 
 
 def has_dtensors(leaves: Sequence[Leaf]) -> bool:
@@ -60,7 +57,7 @@ def has_dtensors(leaves: Sequence[Leaf]) -> bool:
 def find_world(leaves: Sequence[Leaf]) -> World:
     """The ranks writing this state: the DTensors' mesh (1-D, spanning the whole job), else the
     initialised process group, else a world of one."""
-    meshes = {id(t.device_mesh): t.device_mesh for t in leaves if is_dtensor(t)}  # type: ignore[union-attr]
+    meshes = {id(t.device_mesh): t.device_mesh for t in leaves if is_dtensor(t)}
     job = (
         (tdist.get_rank(), tdist.get_world_size())
         if tdist.is_available() and tdist.is_initialized()
@@ -159,7 +156,7 @@ def rank_plan(
         where = f"state[{path_str(path)}]"
         if is_dtensor(leaf):
             kind = placement(leaf, where)
-            local = leaf.to_local()  # type: ignore[union-attr]
+            local = leaf.to_local()
             (spec,) = array_specs([torch.empty(0, dtype=leaf.dtype)], [path], chunk_bytes)
             shape = tuple(int(d) for d in leaf.shape)
             if kind == "shard":
@@ -213,7 +210,7 @@ def plan_key(
 
     def sig(t: Leaf) -> tuple[object, ...]:
         if is_dtensor(t):
-            local = t.to_local()  # type: ignore[union-attr]
+            local = t.to_local()
             return ("d", t.dtype, tuple(t.shape), tuple(local.shape), str(t.placements), local.device.type)
         if isinstance(t, torch.Tensor):
             return ("t", t.dtype, tuple(t.shape), t.layout, t.device.type, t.is_quantized, t.is_nested)
@@ -307,10 +304,10 @@ def target_wants(leaves: Sequence[Leaf], paths: Sequence[Path]) -> dict[str, Wan
         n = shape[0] if shape else 1
         if is_dtensor(leaf):
             kind = placement(leaf, f"target[{name}]")
-            mesh = leaf.device_mesh  # type: ignore[attr-defined]
+            mesh = leaf.device_mesh
             if mesh.ndim != 1:
                 raise CheckpointError(f"target[{name}]: only 1-D device meshes are supported")
-            local = leaf.to_local()  # type: ignore[attr-defined]
+            local = leaf.to_local()
             lo, hi = (0, n)
             if kind == "shard":
                 lo, hi = shard_range(n, mesh.size(), mesh.get_local_rank())

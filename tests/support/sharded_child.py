@@ -31,7 +31,11 @@ def build(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     # 37 rows: uneven on 2 and 3 ranks; 1 row: ranks > 0 hold none; 300x40 floats: several chunks.
     model = torch.nn.Sequential(
-        torch.nn.Linear(40, 300), torch.nn.ReLU(), torch.nn.Linear(300, 37), torch.nn.ReLU(), torch.nn.Linear(37, 1)
+        torch.nn.Linear(40, 300),
+        torch.nn.ReLU(),
+        torch.nn.Linear(300, 37),
+        torch.nn.ReLU(),
+        torch.nn.Linear(37, 1),
     )
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
@@ -69,10 +73,19 @@ def main(mode: str, root: Path) -> None:
     if mode == "save":
         step(model, opt)
         msd, osd = get_state_dict(model, opt)
-        state = {"model": msd, "optim": osd, "step": 1, "rank": PerRank({"rank": rank, "t": torch.full((3,), rank)})}
+        state = {
+            "model": msd,
+            "optim": osd,
+            "step": 1,
+            "rank": PerRank({"rank": rank, "t": torch.full((3,), rank)}),
+        }
         ck.save(1, state)
         ck.wait()
-        full = {k: v.full_tensor().numpy() for k, v in flat({"model": msd, "optim": osd}).items() if hasattr(v, "full_tensor")}
+        full = {
+            k: v.full_tensor().numpy()
+            for k, v in flat({"model": msd, "optim": osd}).items()
+            if hasattr(v, "full_tensor")
+        }
         if rank == 0:
             np.savez(root / "full.npz", **{k.replace("/", "|"): v for k, v in full.items()})
     elif mode == "load":
