@@ -32,12 +32,11 @@ from typing import Any, TypeGuard
 
 import torch
 import torch.distributed as tdist
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, array_key, array_specs, chunk_shape
 from hpstore.checkpoint.tree import Leaf, Path, path_str
 from hpstore.errors import CheckpointError
-
-from torch.distributed.tensor import DTensor, Replicate, Shard
 
 
 @dataclass(frozen=True)
