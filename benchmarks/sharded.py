@@ -2,7 +2,7 @@
 
 Side by side in one run, on the same state and the same directory: an FSDP2-wrapped stack of
 ``Linear`` layers (widths chosen so that dim 0 splits unevenly over 3 ranks) after one AdamW
-step, so model + Adam moments total about 200 MB (``--quick``: ~50 MB; ``HPSTORE_BENCH_SHARDED_GB=1``
+step, so model + Adam moments total about 200 MB (``--quick``: ~50 MB and only the 2 → 1 reshard; ``HPSTORE_BENCH_SHARDED_GB=1``
 adds ~1 GB). Every figure is the slowest rank's (a checkpoint is done when its last rank is).
 
 - **stall**: seconds ``Checkpointer.save`` holds the training thread (warm: staging buffer made by
@@ -173,7 +173,7 @@ def run_case(cfg: BenchConfig, total_mb: float, label: str, progress: Progress) 
         progress(f"{label}: 2 ranks: hpstore save, dcp.save, dcp.async_save ({cfg.repeats} repeats)")
         s = _torchrun(2, "save", root, total_mb, cfg.repeats)
         loads = {}
-        for procs in (1, 3):
+        for procs in (1,) if cfg.quick else (1, 3):  # --quick: one reshard (each job starts torch)
             progress(f"{label}: reshard 2 -> {procs}: hpstore load vs dcp.load")
             loads[procs] = _torchrun(procs, "load", root, total_mb, cfg.repeats)
     finally:
