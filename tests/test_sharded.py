@@ -73,6 +73,25 @@ def test_chunks_never_straddle_two_ranks(n: int, world: int) -> None:
         assert owners == {r for r, (lo, hi) in enumerate(ranges) if lo <= end < hi}, (start, end)
 
 
+def test_per_rank_values_in_a_world_of_one_on_an_object_store() -> None:
+    """Without torch.distributed a PerRank state is a one-rank distributed save (version 2)."""
+    from hpstore.checkpoint import PerRank
+    from hpstore.checkpoint.reader import read_manifest
+
+    ck = Checkpointer("memory://sharded-one", keep=1)
+    state = {"w": torch.arange(6.0).reshape(2, 3), "rank": PerRank({"rng": torch.get_rng_state(), "pos": 4})}
+    for step in (1, 2):
+        ck.save(step, state)
+    ck.wait()
+    loaded = ck.load()
+    assert ck.steps() == [2] and read_manifest(ck.storage, 2).ranks == 1
+    assert torch.equal(loaded["w"], state["w"]) and loaded["rank"][0]["pos"] == 4
+    assert torch.equal(loaded["rank"][0]["rng"], state["rank"].value["rng"])
+    with pytest.raises(CheckpointError, match="cannot hold another PerRank"):
+        ck.save(3, {"x": PerRank(PerRank(1))})
+    ck.close()
+
+
 # -- the checkpointer on 2 and 3 ranks ------------------------------------------------------------
 
 
