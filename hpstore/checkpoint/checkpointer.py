@@ -531,9 +531,10 @@ class Checkpointer:
         read = self._reader(map_location, wants)
         if step is not None:
             return self._agreed(coord, step, read)
-        steps = self.steps()
-        if coord is not None:
-            steps = [int(s) for s in coord.broadcast(steps)]  # rank 0's listing for every rank
+        if coord is None:
+            steps = self.steps()
+        else:  # rank 0 lists, every rank tries the same steps
+            steps = [int(s) for s in coord.broadcast(self.steps() if coord.world.rank == 0 else None)]
         if not steps:
             raise CheckpointError(f"{self.storage.url}: no committed checkpoint")
         skipped: list[str] = []
@@ -564,12 +565,14 @@ class Checkpointer:
         back alike, and none is left waiting for the others)."""
         if coord is None:
             return read(step)
-        state, error = None, ""
+        state, failure = None, None
         try:
             state = read(step)
-        except CheckpointError as exc:
-            error = str(exc)
-        errors = [e for e in coord.all_gather(error) if e]
+        except Exception as exc:  # any error: the other ranks must still hear about it
+            failure = exc
+        errors = [e for e in coord.all_gather(f"{type(failure).__name__}: {failure}" if failure else "") if e]
+        if failure is not None:
+            raise failure
         if errors:
-            raise CheckpointError(error or f"another rank failed: {errors[0]}")
+            raise CheckpointError(f"step {step}: another rank failed: {errors[0]}")
         return state
