@@ -13,6 +13,7 @@ local shard against ``DIR/full.npz`` rows and the per-rank values, applies it wi
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -116,8 +117,9 @@ def main(mode: str, root: Path) -> None:
             msd, osd = get_state_dict(big, bopt)
             ck.save(i, {"model": msd, "optim": osd, "i": i, "rank": PerRank(rank)})
             ck.wait()
-            if rank == 0:
-                (root / "committed").write_text(str(i))
+            if rank == 0:  # atomically: the parent polls it
+                (root / "committed.tmp").write_text(str(i))
+                os.replace(root / "committed.tmp", root / "committed")
     ck.close()
     dist.destroy_process_group()
 
