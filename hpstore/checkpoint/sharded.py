@@ -91,9 +91,9 @@ def sharded_chunk_shape(
         return tuple(max(1, d) for d in shape)
     inner = math.prod(shape[1:]) * itemsize
     best = 1
-    for d in range(1, rows + 1):
-        if rows % d == 0 and d * inner <= chunk_bytes:
-            best = d
+    for small in range(1, math.isqrt(rows) + 1):  # divisors come in pairs (small, rows // small)
+        if rows % small == 0:
+            best = max([best] + [d for d in (small, rows // small) if d * inner <= chunk_bytes])
     if best * inner * 16 < chunk_bytes and rows * inner <= 8 * chunk_bytes:
         best = rows
     return (min(best, shape[0]), *shape[1:])
