@@ -37,7 +37,7 @@ from benchmarks.common import BenchConfig, Figure
 from benchmarks.report import FAILED, OK, Console, ModuleResult
 
 PACKAGE = "benchmarks"
-ORDER = ("limits", "codecs", "ingest", "loader", "remote", "checkpoint", "trainer")
+ORDER = ("limits", "codecs", "ingest", "loader", "remote", "checkpoint", "sharded", "trainer")
 """The default run, in order. A module listed here but not written yet is reported as failed."""
 OPT_IN = ("sweep", "images")
 """Modules that run only when asked for (``--sweep`` or ``--only``). ``images`` fetches a Debian

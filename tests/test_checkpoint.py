@@ -401,3 +401,30 @@ def test_spares_left_by_a_dead_process_are_removed(tmp_path: Path) -> None:
         ck.save(1, {"v": torch.ones(3)})
         ck.wait()
         assert sorted(p.name for p in tmp_path.iterdir()) == [step_prefix(1)]
+
+
+@pytest.mark.parametrize("which", ["array", "group"])
+def test_corrupt_zarr_metadata_is_detected_on_load(tmp_path: Path, which: str) -> None:
+    """The zarr.json objects are what plain Zarr readers trust: a load verifies their checksums
+    too, names the array, and load() falls back to the previous checkpoint."""
+    state = {"w": torch.arange(12.0).reshape(3, 4), "n": 1}
+    with Checkpointer(str(tmp_path), layout=SMALL) as ck:
+        ck.save(1, state)
+        ck.save(2, state)
+        ck.wait()
+    m = manifest_of(tmp_path, 2)
+    key = f"{m['generation']}/{m['arrays'][0]['key']}/zarr.json" if which == "array" else "zarr.json"
+    path = tmp_path / step_prefix(2) / key
+    doc = json.loads(path.read_text())
+    doc["shape"] = [4, 3] if which == "array" else doc["node_type"]
+    text = json.dumps(doc)
+    if which == "group":
+        text = path.read_text().replace('"step": 2', '"step": 9')
+    path.write_text(text)
+    ck2 = Checkpointer(str(tmp_path))
+    with pytest.raises(CheckpointError, match=r"checksum mismatch|bytes, manifest says") as err:
+        ck2.load(step=2)
+    if which == "array":
+        assert "array 'w'" in str(err.value)
+    with pytest.warns(hpstore.checkpoint.CheckpointFallbackWarning, match="step 2"):
+        assert ck2.load()["n"] == 1

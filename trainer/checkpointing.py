@@ -12,13 +12,25 @@ A checkpoint (through ``hpstore.Checkpointer``: Zarr arrays + JSON, no pickle, w
 Exact resume: restoring every item above at a step boundary puts each rank in the state it had at
 that step, so the resumed run sees the same remaining samples and computes the same parameters, bit
 for bit on CPU, as a run that was never stopped.
+
+With ``--parallel fsdp`` the checkpoint is sharded: model and optimizer are the DTensor state dicts
+of ``get_state_dict`` (every rank writes its own rows of each tensor, ``hpstore.checkpoint.sharded``),
+``ranks`` is a ``PerRank`` value every rank writes itself, and nothing crosses ranks as pickle. Such
+a checkpoint resumes on any number of processes (``restore``): model and Adam moments are resharded
+on load. On the same number it is exact as above. On another number W' (saved with W) the data
+position cannot be exact until the loader resumes elastically, so this module does the nearest
+thing, deterministically: the interrupted epoch continues under the W' sample plan from batch
+``floor(b * W / W')`` (b = batches of that epoch done with W ranks: about as many samples as were
+consumed, but the rest of that epoch may repeat or skip some samples), the global step and the LR
+schedule are mapped to that point of the W' run (the cosine schedule continues at the same
+fraction of training), and RNG states are re-seeded from (seed, step, rank).
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +38,7 @@ import torch
 from torch import nn
 
 from hpstore.checkpoint.checkpointer import Checkpointer
+from hpstore.checkpoint.tree import PerRank
 from hpstore.errors import CheckpointError
 from trainer.config import TrainConfig
 from trainer.distributed import Dist
@@ -58,6 +71,7 @@ def run_meta(cfg: TrainConfig, task: Task, dist: Dist) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
         "train_split": cfg.train_split,
+        "parallel": cfg.parallel,
     }
 
 
@@ -94,6 +108,8 @@ class RunCheckpoints:
         self.url = cfg.ckpt
         self.dist = dist
         self.meta = meta
+        self.sharded = cfg.parallel == "fsdp"
+        self.seed = cfg.seed
         self.ck: Checkpointer | None = None
         if cfg.ckpt:
             self.ck = Checkpointer(cfg.ckpt, keep=cfg.keep, storage_options=cfg.storage_options or None)
@@ -105,6 +121,18 @@ class RunCheckpoints:
             return 0.0
         t0 = time.perf_counter()
         mine = {"rng": rng_state(self.dist.device), "loader": loader.state_dict()}
+        if self.sharded:  # every rank saves its own shards and its own values, no gather
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)
+            self.ck.save(pos.step, {
+                "meta": self.meta,
+                "progress": {"step": pos.step, "epoch": pos.epoch, "batch": pos.batch},
+                "model": msd, "optimizer": osd, "scheduler": scheduler.state_dict(),
+                "ranks": PerRank(mine),
+            })  # fmt: skip
+            self.last_saved = pos.step
+            return time.perf_counter() - t0
         ranks = self.dist.all_gather_object(mine)
         if self.dist.is_main:
             state = {
@@ -122,16 +150,23 @@ class RunCheckpoints:
     def finish(self) -> None:
         """Wait until every save is persisted (re-raises a background write error), then free the
         staging buffer and the retired checkpoint kept for reuse: only the ``keep`` newest stay."""
-        if self.ck is not None and self.dist.is_main:
+        if self.ck is not None and (self.dist.is_main or self.sharded):
             self.ck.close()
 
-    def restore(self, *, model: nn.Module, optimizer: Any, scheduler: Any) -> Position | None:
+    def restore(
+        self, *, model: nn.Module, optimizer: Any, scheduler: Any, existing: list[int],
+        steps_per_epoch: int, loader: Any,
+    ) -> Position | None:  # fmt: skip
         """Load the newest valid checkpoint into the model, optimizer, scheduler and RNGs.
 
         Rank 0 picks the checkpoint (falling back past corrupt ones); the others load the same step.
         Returns None when there is no checkpoint yet.
         """
         assert self.ck is not None
+        if self.sharded:
+            if not existing:
+                return None
+            return self._restore_sharded(model, optimizer, scheduler, steps_per_epoch, loader)
         state = self.ck.load() if self.dist.is_main and self.ck.latest() is not None else None
         step = self.dist.broadcast_object(None if state is None else int(state["progress"]["step"]))
         if step is None:
@@ -151,19 +186,71 @@ class RunCheckpoints:
             step=int(prog["step"]), epoch=int(prog["epoch"]), batch=int(prog["batch"]), loader=mine["loader"]
         )
 
+    def _restore_sharded(
+        self, model: nn.Module, optimizer: Any, scheduler: Any, steps_per_epoch: int, loader: Any
+    ) -> Position:
+        """Every rank loads its new shards (the ranks agree on the step inside ``load``)."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        assert self.ck is not None
+        msd, osd = get_state_dict(model, optimizer)  # the target: this run's placements
+        state = self.ck.load(target={"model": msd, "optimizer": osd})
+        prog = state["progress"]
+        step = int(prog["step"])
+        where = f"checkpoint {self.url} step {step}"
+        saved_meta = state.get("meta", {})
+        check_meta(saved_meta, self.meta, where, elastic=True)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        ranks = state["ranks"]
+        saved_world = len(ranks)
+        epoch, batch = int(prog["epoch"]), int(prog["batch"])
+        if saved_world == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            set_rng_state(mine["rng"], self.dist.device)
+            return Position(step=step, epoch=epoch, batch=batch, loader=mine["loader"])
+        # Another world size: the nearest representable position (see the module docstring).
+        new_batch = min(steps_per_epoch, batch * saved_world // self.dist.world_size)
+        new_step = epoch * steps_per_epoch + new_batch
+        _move_schedule(scheduler, optimizer, new_step)
+        torch.manual_seed(self.seed * 7919 + new_step * 31 + self.dist.rank)
+        np.random.seed((self.seed * 7919 + new_step * 31 + self.dist.rank) % 2**32)
+        random.seed(self.seed * 7919 + new_step * 31 + self.dist.rank)
+        state_now = dict(loader.state_dict())
+        state_now.update(epoch=epoch, step=new_batch)
+        pos = Position(step=new_step, epoch=epoch, batch=new_batch, loader=state_now)
+        return replace(pos, loader=None) if new_batch == 0 else pos
+
     def list_existing(self) -> list[int]:
         return list(self.ck.steps()) if self.ck is not None else []
 
 
-def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str) -> None:
+def _move_schedule(scheduler: Any, optimizer: Any, step: int) -> None:
+    """Put a ``LambdaLR`` at ``step`` of this run (its learning rates as if it had stepped there)."""
+    scheduler.last_epoch = step
+    lrs = [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)]
+    for group, lr in zip(optimizer.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
+def check_meta(saved: dict[str, Any], current: dict[str, Any], where: str, *, elastic: bool = False) -> None:
+    """``elastic``: a sharded checkpoint, which may resume on another world size."""
     if saved.get("format") != FORMAT:
         raise CheckpointError(f"{where}: not a trainer checkpoint (format {saved.get('format')!r})")
+    if saved.get("parallel", "ddp") != current.get("parallel", "ddp"):
+        raise CheckpointError(
+            f"{where} was written by a --parallel {saved.get('parallel', 'ddp')} run; this run is "
+            f"--parallel {current.get('parallel', 'ddp')}"
+        )
     if any(saved.get(k) != current[k] for k in SHAPE_KEYS):
         raise CheckpointError(
             f"{where} is for a {_describe(saved)}; this run builds a {_describe(current)} "
             "(different --model or dataset)"
         )
     for k in ORDER_KEYS:
+        if elastic and k == "world_size":
+            continue
         if saved.get(k) != current[k]:
             raise CheckpointError(
                 f"{where}: written with {k}={saved.get(k)!r}, this run has {k}={current[k]!r}; exact resume "

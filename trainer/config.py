@@ -20,6 +20,7 @@ from hpstore.options import OneLineParser, parse_size, parse_storage_option
 ModelName = Literal["mlp", "cnn", "linear", "gpt", "resnet"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 AmpName = Literal["none", "bf16"]
+ParallelName = Literal["ddp", "fsdp"]
 
 TRAINER_LOADER = LoaderOptions(num_workers=2)
 """The training loader's options: the library's (``hpstore.LoaderOptions``) except two read-ahead
@@ -46,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     device: DeviceName = "auto"
     amp: AmpName = "none"
+    parallel: ParallelName = "ddp"
     workers: int = TRAINER_LOADER.num_workers
     cache_bytes: int = TRAINER_LOADER.cache_bytes
     prefetch_bytes: int = TRAINER_LOADER.prefetch_bytes
@@ -167,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     p.add_argument("--amp", choices=["none", "bf16"], default=d.amp, help="autocast dtype")
     p.add_argument(
+        "--parallel", choices=["ddp", "fsdp"], default=d.parallel,
+        help="ddp: replicated model; fsdp: parameters, gradients and optimizer state sharded (FSDP2)",
+    )  # fmt: skip
+    p.add_argument(
         "--workers",
         type=int,
         default=d.workers,
@@ -248,6 +254,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         seed=a.seed,
         device=a.device,
         amp=a.amp,
+        parallel=a.parallel,
         workers=a.workers,
         cache_bytes=a.cache_bytes,
         prefetch_bytes=a.prefetch_bytes,

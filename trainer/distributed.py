@@ -27,6 +27,8 @@ class Dist:
     world_size: int
     local_rank: int
     device: torch.device
+    grouped: bool = False
+    """A process group is initialised (always under torchrun; for FSDP also in a world of one)."""
 
     @property
     def is_main(self) -> bool:
@@ -68,7 +70,7 @@ class Dist:
             tdist.barrier()
 
     def close(self) -> None:
-        if self.active and tdist.is_initialized():
+        if (self.active or self.grouped) and tdist.is_initialized():
             tdist.destroy_process_group()
 
 
@@ -86,15 +88,21 @@ def resolve_device(name: str, local_rank: int, local_world_size: int = 1) -> tor
     return torch.device("cpu")
 
 
-def init(device: str = "auto") -> Dist:
-    """Join the job described by torchrun's environment (or make a world of one)."""
+def init(device: str = "auto", *, group: bool = False) -> Dist:
+    """Join the job described by torchrun's environment (or make a world of one). ``group``: also
+    a world of one gets a process group (FSDP's device mesh needs one)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    if world_size > 1 and not tdist.is_initialized():
+    made = False
+    if (world_size > 1 or group) and not tdist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
+        extra: dict[str, Any] = {}
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:  # plain python: an in-process store
+            extra = {"store": tdist.HashStore(), "rank": 0, "world_size": 1}
         tdist.init_process_group(
-            backend=backend, timeout=TIMEOUT, device_id=dev if dev.type == "cuda" else None
+            backend=backend, timeout=TIMEOUT, device_id=dev if dev.type == "cuda" else None, **extra
         )
-    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+        made = True
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, grouped=made or group)

@@ -16,10 +16,13 @@ JSONL records (``--metrics FILE``, rank 0, one object per line; MB = 10^6 bytes)
     the window, all ranks), lr, samples (global, in the window), samples_per_s (global),
     step_time_s (mean wall time per step), data_wait_frac, data_wait_frac_mean, read_mb_per_s (bytes the
     loaders fetched from storage, as stored, i.e. compressed; all ranks together), cache_hit_rate (chunk hits ÷ lookups, null when there were none),
-    ckpt_stall_s (time the loop spent inside checkpoint saves, rank 0).
+    ckpt_stall_s (time the loop spent inside checkpoint saves, rank 0), state_bytes (peak bytes
+    of parameters + gradients + optimizer state held by one rank, the largest rank's; with
+    ``--parallel fsdp`` each rank holds its shards, with ddp every rank holds everything).
 ``kind="epoch"`` adds: epoch_time_s, eval_loss, eval_acc, eval_samples (null without an eval split).
 ``kind="summary"`` once at the end: epochs, steps, samples, train_time_s, samples_per_s,
-    data_wait_frac, data_wait_frac_mean, read_mb_per_s, cache_hit_rate, eval_loss, eval_acc.
+    data_wait_frac, data_wait_frac_mean, read_mb_per_s, cache_hit_rate, eval_loss, eval_acc,
+    state_bytes.
 """
 
 from __future__ import annotations
@@ -37,11 +40,12 @@ from trainer.distributed import Dist
 TRAIN_KEYS = (
     "kind", "time", "step", "epoch", "loss", "lr", "samples", "samples_per_s", "step_time_s",
     "data_wait_frac", "data_wait_frac_mean", "read_mb_per_s", "cache_hit_rate", "ckpt_stall_s",
+    "state_bytes",
 )  # fmt: skip
 EPOCH_KEYS = (*TRAIN_KEYS, "epoch_time_s", "eval_loss", "eval_acc", "eval_samples")
 SUMMARY_KEYS = (
     "kind", "epochs", "steps", "samples", "train_time_s", "samples_per_s", "data_wait_frac",
-    "data_wait_frac_mean", "read_mb_per_s", "cache_hit_rate", "eval_loss", "eval_acc",
+    "data_wait_frac_mean", "read_mb_per_s", "cache_hit_rate", "eval_loss", "eval_acc", "state_bytes",
 )  # fmt: skip
 
 _SUMS = ("samples", "wait_s", "steps", "loss_sum", "loss_n", "bytes_read", "hits", "misses")
@@ -72,6 +76,7 @@ class Tally:
     wait_s: float = 0.0
     steps: float = 0.0
     ckpt_stall_s: float = 0.0
+    state_bytes: float = 0.0  # peak parameter + gradient + optimizer-state bytes on this rank
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     loss_n: float = 0.0
 
@@ -92,6 +97,7 @@ class Tally:
             "loss_sum": float(self.loss.item()),
             "loss_n": self.loss_n,
             "ckpt_stall_s": self.ckpt_stall_s,
+            "state_bytes": self.state_bytes,
             **loader_counters(loader_stats),
         }
         return Snapshot(time.perf_counter(), values)
@@ -109,7 +115,9 @@ def reduce_window(dist: Dist, start: Snapshot, end: Snapshot) -> dict[str, Any]:
             strict=True,
         )
     )
-    worst = dist.all_reduce(torch.tensor([frac, wall], dtype=torch.float64), "max").tolist()
+    worst = dist.all_reduce(
+        torch.tensor([frac, wall, end.values.get("state_bytes", 0.0)], dtype=torch.float64), "max"
+    ).tolist()
     lookups = total["hits"] + total["misses"]
     # The slowest rank's wall time is the job's: a window ends when every rank has reached it.
     job_wall = worst[1]
@@ -123,6 +131,7 @@ def reduce_window(dist: Dist, start: Snapshot, end: Snapshot) -> dict[str, Any]:
         "read_mb_per_s": total["bytes_read"] / 1e6 / job_wall,
         "cache_hit_rate": total["hits"] / lookups if lookups else None,
         "ckpt_stall_s": end.values["ckpt_stall_s"] - start.values["ckpt_stall_s"],
+        "state_bytes": int(worst[2]),
         "wall_s": job_wall,
     }
 

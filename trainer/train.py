@@ -40,12 +40,13 @@ from trainer.metrics import (
     reduce_window,
 )
 from trainer.models import build_model
+from trainer.sharding import state_bytes, wrap_fsdp
 from trainer.task import Task, build_task, check_split
 
 
 def train(cfg: TrainConfig, *, loaders: LoaderFactory | None = None) -> dict[str, Any]:
     """Run the job ``cfg`` describes on this rank; returns the summary record (on every rank)."""
-    dist = distributed.init(cfg.device)
+    dist = distributed.init(cfg.device, group=cfg.parallel == "fsdp")
     try:
         return Trainer(cfg, dist, loaders=loaders or make_loader).fit()
     finally:
@@ -148,6 +149,8 @@ class Trainer:
         self.model = (lm.build_gpt(self.task, cfg) if gpt else build_model(cfg.model, self.task)).to(
             self.device
         )
+        if cfg.parallel == "fsdp":
+            wrap_fsdp(self.model, dist)  # before the optimizer: it must see the sharded parameters
         seed_rank(cfg.seed, dist.rank)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
@@ -171,7 +174,8 @@ class Trainer:
 
         self.ckpts = RunCheckpoints(cfg, dist, run_meta(cfg, self.task, dist))
         self.pos = self._resume_or_start()
-        self.net: nn.Module = wrap_ddp(self.model, dist) if dist.active else self.model
+        ddp = dist.active and cfg.parallel == "ddp"
+        self.net: nn.Module = wrap_ddp(self.model, dist) if ddp else self.model
 
         self._announce(train_ds)
         self.tally = Tally()
@@ -196,7 +200,10 @@ class Trainer:
                     "continue from it, or choose another --ckpt"
                 )
             return Position()
-        pos = self.ckpts.restore(model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        pos = self.ckpts.restore(
+            model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, existing=existing,
+            steps_per_epoch=self.steps_per_epoch, loader=self.loader,
+        )  # fmt: skip
         if pos is None:
             self._say(f"resume: no checkpoint in {cfg.ckpt} yet; starting from step 0")
             return Position()
@@ -216,7 +223,8 @@ class Trainer:
         )
         self._say(
             f"train: {self.cfg.data} split {train_ds.name!r} ({len(train_ds):,} samples){ev}; {self.task.describe()}; "
-            f"{self.cfg.model} ({params:,} parameters) on {self.device}, {self.dist.world_size} rank(s) × batch "
+            f"{self.cfg.model} ({params:,} parameters{', fsdp' if self.cfg.parallel == 'fsdp' else ''}) on {self.device}, "
+            f"{self.dist.world_size} rank(s) × batch "
             f"{self.cfg.batch_size}, {self.steps_per_epoch} steps/epoch, {self.total_steps} steps"
         )
 
@@ -289,6 +297,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.tally.add_step(batch.size, loss, batch.wait_s)
+        if self.tally.steps == 1 or self.tally.steps % self.cfg.log_every == 0:  # constant after step 1
+            self.tally.state_bytes = max(self.tally.state_bytes, state_bytes(self.model, self.optimizer))
 
     def _save(self, pos: Position) -> None:
         if pos.step == 0:
@@ -366,6 +376,7 @@ class Trainer:
             "cache_hit_rate": (sum(r["cache_hit_rate"] for r in lookups) / len(lookups)) if lookups else None,
             "eval_loss": self.final_eval.loss if self.final_eval else None,
             "eval_acc": self.final_eval.accuracy if self.final_eval else None,
+            "state_bytes": max((r["state_bytes"] for r in recs), default=None),
         }
         self.metrics.write(summary)
         return summary

@@ -30,7 +30,10 @@ Contract:
 * ``load()`` without a step tries committed checkpoints newest first and warns
   (``CheckpointFallbackWarning``) when it had to skip any.
 
-One process writes a checkpoint root at a time (in DDP, rank 0); any number may read it.
+One process writes a checkpoint root at a time (in DDP, rank 0); any number may read it. The
+exception is a distributed save (``hpstore.checkpoint.sharded``): a state holding DTensors or
+``PerRank`` values is saved by every rank of the job together, each writing its own chunks of the
+same checkpoint, and rank 0 commits it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,19 @@ from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from hpstore.checkpoint.manifest import MANIFEST_KEY
+import torch
+
+from hpstore.checkpoint.manifest import (
+    GROUP_KEY,
+    MANIFEST_KEY,
+    TREE_KEY,
+    CheckpointManifest,
+    array_doc,
+    array_from_doc,
+    array_json,
+    group_json,
+    rank_group,
+)
 from hpstore.checkpoint.plan import (
     ArraySpec,
     array_specs,
@@ -63,10 +78,27 @@ from hpstore.checkpoint.reader import (
     read_manifest,
     scan_root,
 )
-from hpstore.checkpoint.staging import Slots, StagingBuffer
-from hpstore.checkpoint.tree import Leaf, Path, flatten
-from hpstore.checkpoint.writer import prune_generations, write_checkpoint
+from hpstore.checkpoint.sharded import (
+    Coordinator,
+    RankPlan,
+    World,
+    find_world,
+    has_dtensors,
+    is_dtensor,
+    plan_key,
+    rank_plan,
+    target_wants,
+)
+from hpstore.checkpoint.staging import Slots, Snapshot, StagingBuffer
+from hpstore.checkpoint.tree import FlatState, Leaf, Path, flatten
+from hpstore.checkpoint.writer import (
+    discard_generation,
+    prune_generations,
+    write_checkpoint,
+    write_objects,
+)
 from hpstore.errors import CheckpointError, InputError
+from hpstore.format.manifest import ObjectEntry
 from hpstore.storage.base import Storage
 from hpstore.storage.open import open_storage
 
@@ -152,6 +184,9 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._plan: tuple[tuple[object, ...], list[ArraySpec], Slots] | None = None
         self._spare: str | None = None  # retired files the next save rewrites (layout.recycle)
+        self._coord: Coordinator | None = None  # the gloo group of distributed saves, made once
+        self._dplan: tuple[tuple[object, ...], RankPlan, Slots] | None = None
+        self._distributed = False  # a distributed save happened: no recycling (rank 0 retains)
 
     # -- saving -------------------------------------------------------------------------------
 
@@ -169,6 +204,9 @@ class Checkpointer:
         self._finish_pending()
         t1 = time.perf_counter()
         flat = flatten(state)
+        if flat.per_rank or has_dtensors(flat.leaves):
+            self._save_distributed(step, flat, t0, t1)
+            return
         specs, slots = self._array_plan(flat.leaves, flat.paths)
         tree = json.dumps(flat.tree, separators=(",", ":"), allow_nan=False).encode()
         snap = self._staging.snapshot(flat.leaves, slots)
@@ -197,6 +235,161 @@ class Checkpointer:
         self._pending = future
         # Non-daemon: a script that returns right after save() still gets its checkpoint.
         threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+
+    # -- distributed saves ---------------------------------------------------------------------
+
+    def _coordinator(self, world: World) -> Coordinator | None:
+        """The dedicated gloo group (created on first use: a collective every rank makes)."""
+        if world.size == 1:
+            return None
+        if self._coord is None or self._coord.world != world:
+            self._coord = Coordinator.create(world)
+        return self._coord
+
+    def _save_distributed(self, step: int, flat: FlatState, t0: float, t1: float) -> None:
+        """Every rank snapshots what it writes (its shards, its ``PerRank`` values; rank 0 also
+        the replicated tensors) and returns; the commit runs in the background threads."""
+        world = find_world(flat.leaves)
+        coord = self._coordinator(world)
+        self._distributed = True
+        ranked = flatten(flat.per_rank)
+        if ranked.per_rank:
+            raise CheckpointError("a PerRank value cannot hold another PerRank value")
+        rank_paths = [(*flat.per_rank_paths[p[0]], *p[1:]) for p in ranked.paths]
+        group = rank_group(world.rank)
+        key = (plan_key(world, flat.leaves, flat.paths, ranked.leaves), self.layout.chunk_bytes)
+        sources = [
+            self._source(p.spec, flat.leaves, ranked.leaves)
+            for p in (self._dplan[1].pieces if self._dplan and self._dplan[0] == key else [])
+        ]
+        if self._dplan is None or self._dplan[0] != key or not self._staging.holds(self._dplan[2]):
+            self._dplan = None
+            plan = rank_plan(
+                world, flat.leaves, flat.paths, ranked.leaves, rank_paths, group, self.layout.chunk_bytes
+            )
+            sources = [self._source(p.spec, flat.leaves, ranked.leaves) for p in plan.pieces]
+            sizes = [
+                t.numel() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes for t in sources
+            ]
+            offsets, _total = staging_offsets(sizes)
+            self._dplan = (key, plan, self._staging.slots(sources, offsets, sizes))
+        _key, plan, slots = self._dplan
+        tree = json.dumps(flat.tree, separators=(",", ":"), allow_nan=False).encode()
+        rank_tree = json.dumps(ranked.tree, separators=(",", ":"), allow_nan=False).encode()
+        snap = self._staging.snapshot(sources, slots)
+        t2 = time.perf_counter()
+        record = SaveStats(
+            step=step, wait_s=t1 - t0, snapshot_s=t2 - t1, stall_s=t2 - t0, bytes=plan.nbytes,
+            arrays=len(plan.specs) + len(plan.rank_specs),
+        )  # fmt: skip
+        with self._lock:
+            self._stats.append(record)
+            index = len(self._stats) - 1
+        future: Future[None] = Future()
+
+        def persist() -> None:
+            try:
+                self._persist_distributed(step, plan, snap, tree, rank_tree, coord, index)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+        self._pending = future
+        threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+
+    @staticmethod
+    def _source(spec: ArraySpec, leaves: list[Leaf], rank_leaves: list[Leaf]) -> Leaf:
+        leaf = rank_leaves[spec.index] if spec.group else leaves[spec.index]
+        return leaf.to_local() if is_dtensor(leaf) else leaf
+
+    def _persist_distributed(
+        self, step: int, plan: RankPlan, snap: Snapshot, tree: bytes, rank_tree: bytes,
+        coord: Coordinator | None, index: int,
+    ) -> None:  # fmt: skip
+        """Phase 1: write and sync this rank's objects, report them; phase 2: rank 0 writes the
+        manifest and tells every rank whether the checkpoint committed."""
+        t0 = time.perf_counter()
+        world = plan.world
+        fresh = f"data-{uuid.uuid4().hex[:12]}"
+        gen = str(coord.broadcast(fresh)) if coord is not None else fresh
+        st = self.storage.child(step_prefix(step))
+        report: dict[str, Any]
+        try:
+            snap.ready()
+            group = rank_group(world.rank)
+            docs = [
+                (f"{gen}/{group}/{GROUP_KEY}", group_json(step)),
+                (f"{gen}/{group}/{TREE_KEY}", rank_tree),
+            ]
+            docs += [(f"{gen}/{a.prefix}/{GROUP_KEY}", array_json(a)) for a in plan.rank_specs]
+            if world.rank == 0:
+                docs += [(GROUP_KEY, group_json(step)), (f"{gen}/{GROUP_KEY}", group_json(step))]
+                docs += [(f"{gen}/{TREE_KEY}", tree)]
+                docs += [(f"{gen}/{a.prefix}/{GROUP_KEY}", array_json(a)) for a in plan.specs]
+            chunks = [
+                (
+                    f"{gen}/{p.spec.prefix}/{c.key}",
+                    view[c.offset - p.base : c.offset - p.base + c.nbytes],
+                    c.stored,
+                )
+                for p, view in zip(plan.pieces, snap.views, strict=True)
+                for c in p.chunks
+            ]
+            objects = write_objects(st, gen, docs, chunks, workers=self.layout.workers)
+            report = {
+                "ok": True,
+                "objects": {k: [e.size, e.crc32c] for k, e in objects.items()},
+                "arrays": [array_doc(a) for a in plan.rank_specs],
+            }
+        except BaseException as exc:
+            report = {"ok": False, "error": f"rank {world.rank}: {type(exc).__name__}: {exc}"}
+        reports = coord.all_gather(report) if coord is not None else [report]
+        result: dict[str, Any] = {"ok": True}
+        if world.rank == 0:
+            result = self._commit(step, gen, plan, reports)
+        if coord is not None:
+            result = coord.broadcast(result)
+        t1 = time.perf_counter()
+        if not result["ok"]:
+            self._record(index, persist_s=t1 - t0, failed=True)
+            raise CheckpointError(f"{self.storage.url}: saving step {step} failed: {result['error']}")
+        self._record(index, persist_s=t1 - t0, objects=len(report.get("objects", ())))
+        if world.rank == 0:
+            try:
+                prune_generations(self.storage, step, gen)
+                self._retain(step)
+            except Exception as exc:
+                self._record(index, retention_s=time.perf_counter() - t1, failed=True)
+                raise CheckpointError(
+                    f"{self.storage.url}: step {step} is committed, but removing old checkpoints failed: {exc}"
+                ) from exc
+            self._record(index, retention_s=time.perf_counter() - t1)
+
+    def _commit(self, step: int, gen: str, plan: RankPlan, reports: list[Any]) -> dict[str, Any]:
+        """Rank 0: the manifest of every rank's objects, written last; or the failed save removed."""
+        errors = [str(r.get("error")) for r in reports if not r.get("ok")]
+        if not errors:
+            try:
+                where = f"{self.storage.url}/{step_prefix(step)}"
+                objects: dict[str, ObjectEntry] = {}
+                arrays = list(plan.specs)
+                for r in reports:
+                    objects.update(
+                        {k: ObjectEntry(size=int(v[0]), crc32c=str(v[1])) for k, v in r["objects"].items()}
+                    )
+                    arrays += [array_from_doc(i, d, where) for i, d in enumerate(r["arrays"])]
+                manifest = CheckpointManifest(
+                    step=step, generation=gen, arrays=tuple(arrays), objects=objects, ranks=len(reports)
+                )
+                # What the reader will check, checked before anything is committed.
+                CheckpointManifest.from_json(manifest.to_json().encode(), where=where)
+                self.storage.child(step_prefix(step)).write(MANIFEST_KEY, manifest.to_json().encode())
+                return {"ok": True}
+            except Exception as exc:
+                errors = [f"rank 0: committing: {type(exc).__name__}: {exc}"]
+        discard_generation(self.storage, step, gen)
+        return {"ok": False, "error": "; ".join(errors)}
 
     def _array_plan(self, leaves: list[Leaf], paths: list[Path]) -> tuple[list[ArraySpec], Slots]:
         """Array specs and staging slots; remade only when the state's structure changes (or the
@@ -245,7 +438,8 @@ class Checkpointer:
         found = scan_root(self.storage)
         for step in retention_plan(found.committed, current, self.keep):
             prefix = step_prefix(step)
-            gen = self._generation(step) if self._can_recycle() and self._spare is None else None
+            recycle = self._can_recycle() and self._spare is None and not self._distributed
+            gen = self._generation(step) if recycle else None
             self.storage.delete_prefix(f"{prefix}/{MANIFEST_KEY}")  # uncommit first, then remove
             if gen is not None:
                 spare = f"{SPARE_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -313,25 +507,40 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def load(self, step: int | None = None, map_location: Any = None) -> Any:
+    def load(self, step: int | None = None, map_location: Any = None, *, target: Any = None) -> Any:
         """The saved state, verified byte for byte; tensors on CPU or on ``map_location``.
 
         ``step=None`` loads the newest committed checkpoint that verifies, warning
         (``CheckpointFallbackWarning``) about newer ones it skipped.
+
+        ``target``: a state like the one saved whose tensors give the shapes, dtypes and (for
+        DTensors, ``Shard(0)`` or ``Replicate()`` on a 1-D mesh of any size) the placements to load
+        onto: each rank reads only the chunks overlapping its shards, and the result holds DTensors
+        of the target's placements there (everything else as saved). With DTensors on more than one
+        rank, every rank must call ``load`` together: they agree on the step to load.
         """
+        wants = None
+        coord = None
+        if target is not None:
+            flat = flatten(target)
+            wants = target_wants(flat.leaves, flat.paths)
+            if has_dtensors(flat.leaves):
+                coord = self._coordinator(find_world(flat.leaves))
+        if coord is not None:
+            self._finish_pending()  # its commit uses the same group
+        read = self._reader(map_location, wants)
         if step is not None:
-            return read_checkpoint(
-                self.storage, step, workers=self.layout.read_workers, map_location=map_location
-            )
-        steps = self.steps()
+            return self._agreed(coord, step, read)
+        if coord is None:
+            steps = self.steps()
+        else:  # rank 0 lists, every rank tries the same steps
+            steps = [int(s) for s in coord.broadcast(self.steps() if coord.world.rank == 0 else None)]
         if not steps:
             raise CheckpointError(f"{self.storage.url}: no committed checkpoint")
         skipped: list[str] = []
         for candidate in reversed(steps):
             try:
-                state = read_checkpoint(
-                    self.storage, candidate, workers=self.layout.read_workers, map_location=map_location
-                )
+                state = self._agreed(coord, candidate, read)
             except CheckpointError as exc:
                 skipped.append(f"step {candidate}: {exc}")
                 continue
@@ -341,3 +550,29 @@ class Checkpointer:
                 warnings.warn(message, CheckpointFallbackWarning, stacklevel=2)
             return state
         raise CheckpointError(f"{self.storage.url}: no checkpoint verifies: " + "; ".join(skipped))
+
+    def _reader(self, map_location: Any, wants: Any) -> Any:
+        def read(step: int) -> Any:
+            return read_checkpoint(
+                self.storage, step, workers=self.layout.read_workers, map_location=map_location, wants=wants
+            )
+
+        return read
+
+    @staticmethod
+    def _agreed(coord: Coordinator | None, step: int, read: Any) -> Any:
+        """``read(step)`` on every rank; a failure on any rank fails it on all (so all ranks fall
+        back alike, and none is left waiting for the others)."""
+        if coord is None:
+            return read(step)
+        state, failure = None, None
+        try:
+            state = read(step)
+        except Exception as exc:  # any error: the other ranks must still hear about it
+            failure = exc
+        errors = [e for e in coord.all_gather(f"{type(failure).__name__}: {failure}" if failure else "") if e]
+        if failure is not None:
+            raise failure
+        if errors:
+            raise CheckpointError(f"step {step}: another rank failed: {errors[0]}")
+        return state

@@ -31,12 +31,21 @@ from hpstore.storage.base import check_key
 
 FORMAT_NAME = "hpstore-checkpoint"
 FORMAT_VERSION = 1
+SHARDED_VERSION = 2
+"""Written by distributed (and ``PerRank``) saves: adds ``ranks``, array ``group`` and
+``shard_rows``. Readers of version 1 refuse it instead of misreading it."""
 MANIFEST_KEY = "manifest.json"
 TREE_KEY = "tree.json"
 GROUP_KEY = "zarr.json"
 
 _HEX8 = re.compile(r"^[0-9a-f]{8}$")
 _GEN = re.compile(r"^data-[0-9a-f]{8,32}$")
+_RANK_GROUP = re.compile(r"^rank-\d{5,}$")
+
+
+def rank_group(rank: int) -> str:
+    """The sub-group of one rank's ``PerRank`` values: ``rank-00003``."""
+    return f"rank-{rank:05d}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,44 +58,45 @@ class CheckpointManifest:
     generation: str
     arrays: tuple[ArraySpec, ...]
     objects: dict[str, ObjectEntry]
+    ranks: int = 0
+    """Ranks that wrote a ``PerRank`` tree (version 2); 0 for a version-1 checkpoint."""
 
     def array_object(self, a: ArraySpec, name: str) -> str:
-        return f"{self.generation}/{a.key}/{name}"
+        return f"{self.generation}/{a.prefix}/{name}"
 
     @property
     def tree_key(self) -> str:
         return f"{self.generation}/{TREE_KEY}"
 
+    def rank_tree_key(self, rank: int) -> str:
+        return f"{self.generation}/{rank_group(rank)}/{TREE_KEY}"
+
     def owner(self, key: str) -> str:
         """What an object key belongs to, for error messages: ``array 'model/fc.weight'``."""
         for a in self.arrays:
-            if key.startswith(f"{self.generation}/{a.key}/"):
-                return f"array {a.name!r}"
-        return "the state tree" if key == self.tree_key else "the checkpoint's group metadata"
+            if key.startswith(f"{self.generation}/{a.prefix}/"):
+                return f"array {a.name!r}" + (f" of {a.group}" if a.group else "")
+        if key == self.tree_key:
+            return "the state tree"
+        if key.endswith(f"/{TREE_KEY}"):
+            return "a rank's state tree"
+        return "the checkpoint's group metadata"
 
     @property
     def nbytes(self) -> int:
         return sum(o.size for o in self.objects.values())
 
     def to_json(self) -> str:
-        doc = {
+        doc: dict[str, Any] = {
             "format": FORMAT_NAME,
-            "version": FORMAT_VERSION,
+            "version": SHARDED_VERSION if self.ranks else FORMAT_VERSION,
             "step": self.step,
             "generation": self.generation,
-            "arrays": [
-                {
-                    "name": a.name,
-                    "key": a.key,
-                    "kind": a.kind,
-                    "dtype": a.dtype,
-                    "shape": list(a.shape),
-                    "chunk_shape": list(a.chunk_shape),
-                }
-                for a in self.arrays
-            ],
+            "arrays": [array_doc(a) for a in self.arrays],
             "objects": {k: {"size": o.size, "crc32c": o.crc32c} for k, o in self.objects.items()},
         }
+        if self.ranks:
+            doc["ranks"] = self.ranks
         return json.dumps(doc, indent=0)
 
     @classmethod
@@ -103,24 +113,59 @@ class CheckpointManifest:
             raise CheckpointError(f"{where}: malformed manifest ({type(exc).__name__}: {exc})") from None
 
 
+def array_doc(a: ArraySpec) -> dict[str, Any]:
+    """One array's manifest entry (also what a rank reports of its ``PerRank`` arrays)."""
+    d: dict[str, Any] = {
+        "name": a.name,
+        "key": a.key,
+        "kind": a.kind,
+        "dtype": a.dtype,
+        "shape": list(a.shape),
+        "chunk_shape": list(a.chunk_shape),
+    }
+    if a.group:
+        d["group"] = a.group
+    if a.shard_rows is not None:
+        d["shard_rows"] = a.shard_rows
+    return d
+
+
+def array_from_doc(index: int, d: Any, where: str) -> ArraySpec:
+    try:
+        return _array(index, d, where)
+    except (KeyError, TypeError, ValueError) as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{where}: malformed array entry ({type(exc).__name__}: {exc})") from None
+
+
 def _from_doc(doc: Any, where: str) -> CheckpointManifest:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
         raise CheckpointError(f"{where}: not an hpstore checkpoint manifest")
-    if doc.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{where}: unsupported checkpoint format version {doc.get('version')!r}")
+    version = doc.get("version")
+    if version not in (FORMAT_VERSION, SHARDED_VERSION):
+        raise CheckpointError(f"{where}: unsupported checkpoint format version {version!r}")
+    ranks = _int(doc["ranks"], "ranks", where) if version == SHARDED_VERSION else 0
+    if version == SHARDED_VERSION and ranks < 1:
+        raise CheckpointError(f"{where}: a version-2 checkpoint needs ranks >= 1")
     step = _int(doc["step"], "step", where)
     gen = doc["generation"]
     if not isinstance(gen, str) or not _GEN.match(gen):
         raise CheckpointError(f"{where}: bad generation {gen!r}")
     objects = {_safe(k, where): _entry(v, k, where) for k, v in dict(doc["objects"]).items()}
     arrays = tuple(_array(i, a, where) for i, a in enumerate(doc["arrays"]))
-    if len({a.key for a in arrays}) != len(arrays):
+    if len({a.prefix for a in arrays}) != len(arrays):
         raise CheckpointError(f"{where}: two arrays share one key")
-    for key in (f"{gen}/{TREE_KEY}", GROUP_KEY):
+    trees = [f"{gen}/{rank_group(r)}/{TREE_KEY}" for r in range(ranks)]
+    for key in (f"{gen}/{TREE_KEY}", GROUP_KEY, *trees):
         if key not in objects:
             raise CheckpointError(f"{where}: {key} is not listed")
     for a in arrays:
-        listed = {f"{gen}/{a.key}/zarr.json": None} | {f"{gen}/{a.key}/{c.key}": c.stored for c in a.chunks}
+        if a.group and (not _RANK_GROUP.match(a.group) or int(a.group[5:]) >= ranks):
+            raise CheckpointError(f"{where}: array {a.name!r}: bad group {a.group!r}")
+        listed = {f"{gen}/{a.prefix}/zarr.json": None} | {
+            f"{gen}/{a.prefix}/{c.key}": c.stored for c in a.chunks
+        }
         for key, stored in listed.items():
             if key not in objects:
                 raise CheckpointError(f"{where}: array {a.name!r}: {key} is not listed")
@@ -129,7 +174,7 @@ def _from_doc(doc: Any, where: str) -> CheckpointManifest:
                     f"{where}: array {a.name!r}: {key} listed as {objects[key].size} bytes, "
                     f"its chunk holds {stored}"
                 )
-    return CheckpointManifest(step=step, generation=gen, arrays=arrays, objects=objects)
+    return CheckpointManifest(step=step, generation=gen, arrays=arrays, objects=objects, ranks=ranks)
 
 
 def _array(index: int, d: dict[str, Any], where: str) -> ArraySpec:
@@ -149,9 +194,15 @@ def _array(index: int, d: dict[str, Any], where: str) -> ArraySpec:
     chunks = tuple(_int(x, "chunk_shape", where) for x in d["chunk_shape"])
     if not is_contiguous_chunking(shape, chunks):
         raise CheckpointError(f"{where}: array {name!r}: chunk shape {chunks} does not fit shape {shape}")
+    group = d.get("group", "")
+    if not isinstance(group, str):
+        raise CheckpointError(f"{where}: array {name!r}: bad group {group!r}")
+    shard_rows = d.get("shard_rows")
+    if shard_rows is not None:
+        shard_rows = _int(shard_rows, "shard_rows", where)
     return ArraySpec(
         index=index, name=name, key=key, kind=kind, dtype=dtype, itemsize=itemsize, shape=shape,
-        chunk_shape=chunks,
+        chunk_shape=chunks, group=group, shard_rows=shard_rows,
     )  # fmt: skip
 
 

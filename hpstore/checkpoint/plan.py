@@ -89,6 +89,17 @@ class ArraySpec:
     itemsize: int
     shape: tuple[int, ...]
     chunk_shape: tuple[int, ...]
+    group: str = ""
+    """Sub-group under the generation: ``""`` for the state's arrays, ``rank-NNNNN`` for the
+    arrays of one rank's ``PerRank`` values."""
+    shard_rows: int | None = None
+    """Saved from dim-0 shards of this many rows per rank (FSDP's ``ceil(n / W)``); the chunk
+    grid then divides it, so every chunk belongs to exactly one rank."""
+
+    @property
+    def prefix(self) -> str:
+        """The array's node path under the generation."""
+        return f"{self.group}/{self.key}" if self.group else self.key
 
     @property
     def nbytes(self) -> int:

@@ -11,15 +11,18 @@ the rest from the tagged JSON tree (``hpstore.checkpoint.tree``).
 from __future__ import annotations
 
 import json
+import math
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from hpstore.checkpoint.manifest import MANIFEST_KEY, CheckpointManifest
+from hpstore.checkpoint.manifest import GROUP_KEY, MANIFEST_KEY, CheckpointManifest, rank_group
 from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, parse_step, step_prefix
+from hpstore.checkpoint.sharded import Want
 from hpstore.checkpoint.tree import TORCH_DTYPES, Leaf, unflatten
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError
@@ -78,38 +81,120 @@ def read_manifest(storage: Storage, step: int) -> CheckpointManifest:
     return manifest
 
 
-def read_checkpoint(storage: Storage, step: int, *, workers: int, map_location: Any = None) -> Any:
-    """The state saved as ``step``, verified; tensors on ``map_location`` (default: CPU)."""
+def read_checkpoint(
+    storage: Storage,
+    step: int,
+    *,
+    workers: int,
+    map_location: Any = None,
+    wants: Mapping[str, Want] | None = None,
+) -> Any:
+    """The state saved as ``step``, verified; tensors on ``map_location`` (default: CPU).
+
+    ``wants``: by state path, the rows of a tensor to read (a rank's shard of a resharded load)
+    and how to build the result (a DTensor); only the chunks overlapping those rows are read.
+    A wanted tensor that the checkpoint lacks, or holds with another shape or dtype, is an error
+    naming it."""
     manifest = read_manifest(storage, step)
     st = storage.child(step_prefix(step))
-    tree = _read_tree(st, manifest)
-    outputs = [_empty(a) for a in manifest.arrays]
-    jobs = [(a, c) for a in manifest.arrays for c in a.chunks]
-    jobs.sort(key=lambda j: -j[1].stored)
+    tree = _read_tree(st, manifest, manifest.tree_key)
+    rank_trees = [_read_tree(st, manifest, manifest.rank_tree_key(r)) for r in range(manifest.ranks)]
+    arrays = manifest.arrays
+    wanted = _match_wants(st.url, arrays, wants or {})
+    outputs: list[Leaf] = []
+    bases: list[int] = []
+    for i, a in enumerate(arrays):
+        w = wanted.get(i)
+        if w is None:
+            outputs.append(_empty(a))
+            bases.append(0)
+        else:
+            row = math.prod(a.shape[1:]) * a.itemsize if a.shape else a.itemsize
+            outputs.append(torch.empty((w.hi - w.lo, *a.shape[1:]) if a.shape else (), dtype=w.dtype))
+            bases.append(w.lo * row if a.shape else 0)
+    views = [_byte_view(o) for o in outputs]
+    jobs: list[tuple[int, ChunkSpec] | str] = [
+        (i, c)
+        for i, a in enumerate(arrays)
+        for c in a.chunks
+        if c.offset < bases[i] + views[i].nbytes and bases[i] < c.offset + c.nbytes
+    ]
+    jobs.sort(key=lambda j: -j[1].stored if isinstance(j, tuple) else 0)
+    # The Zarr metadata (group and array zarr.json) is what any other reader trusts: verify it too,
+    # in the same pool, after the chunks (a few small reads that hide behind the big ones).
+    jobs.extend(metadata_keys(manifest))
     # An array moves to map_location as soon as its last chunk lands, from the reading thread,
     # so host-to-device copies overlap the reads of the other arrays.
-    pending = [len(a.chunks) for a in manifest.arrays]
+    pending = [0] * len(arrays)
+    for job in jobs:
+        if isinstance(job, tuple):
+            pending[job[0]] += 1
     lock = threading.Lock()
 
-    def fetch(job: tuple[ArraySpec, ChunkSpec]) -> None:
-        a, c = job
+    def fetch(job: tuple[int, ChunkSpec] | str) -> None:
+        if isinstance(job, str):
+            _read_verified(st, manifest, job)
+            return
+        i, c = job
+        a, base, dst = arrays[i], bases[i], views[i]
         key = manifest.array_object(a, c.key)
-        dst = _byte_view(outputs[a.index])[c.offset : c.offset + c.nbytes]
-        if c.stored == c.nbytes:
-            _read_verified_into(st, manifest, key, dst)  # straight into the tensor: no copy
-        else:  # a zero-padded edge chunk
-            dst[:] = np.frombuffer(_read_verified(st, manifest, key), dtype=np.uint8, count=c.nbytes)
+        lo, hi = max(c.offset, base), min(c.offset + c.nbytes, base + dst.nbytes)
+        if c.stored == c.nbytes and lo == c.offset and hi == c.offset + c.nbytes:
+            _read_verified_into(st, manifest, key, dst[lo - base : hi - base])  # no copy
+        else:  # a zero-padded edge chunk, or one that only partly overlaps the wanted rows
+            data = np.frombuffer(_read_verified(st, manifest, key), dtype=np.uint8)
+            dst[lo - base : hi - base] = data[lo - c.offset : hi - c.offset]
         with lock:
-            pending[a.index] -= 1
-            done = pending[a.index] == 0
-        if done:
-            outputs[a.index] = _place(outputs[a.index], map_location)
+            pending[i] -= 1
+            done = pending[i] == 0
+        if done and i not in wanted:
+            outputs[i] = _place(outputs[i], map_location)
 
     run_parallel(fetch, jobs, workers, name="hpstore-ckpt-read")
-    for a in manifest.arrays:
-        if not a.chunks:  # empty arrays have no chunk to trigger the move
-            outputs[a.index] = _place(outputs[a.index], map_location)
-    return unflatten(tree, outputs, where=f"{st.url}/{manifest.tree_key}")
+    for i, _a in enumerate(arrays):
+        w = wanted.get(i)
+        if w is not None:
+            local = outputs[i]
+            assert isinstance(local, torch.Tensor)
+            outputs[i] = w.build(local.to(map_location if map_location is not None else w.device))
+        elif not any(isinstance(j, tuple) and j[0] == i for j in jobs):  # nothing to trigger the move
+            outputs[i] = _place(outputs[i], map_location)
+    main = [outputs[i] for i, a in enumerate(arrays) if not a.group]
+    per_rank = None
+    if manifest.ranks:
+        per_rank = []
+        for r, rank_tree in enumerate(rank_trees):
+            group = rank_group(r)
+            mine = [outputs[i] for i, a in enumerate(arrays) if a.group == group]
+            values = unflatten(rank_tree, mine, where=f"{st.url}/{manifest.rank_tree_key(r)}")
+            if not isinstance(values, list):
+                raise CheckpointError(f"{st.url}/{manifest.rank_tree_key(r)}: expected a list of values")
+            per_rank.append(values)
+    return unflatten(tree, main, where=f"{st.url}/{manifest.tree_key}", per_rank=per_rank)
+
+
+def _match_wants(url: str, arrays: Sequence[ArraySpec], wants: Mapping[str, Want]) -> dict[int, Want]:
+    """Array index -> its ``Want``; every wanted tensor must exist with the same shape and dtype."""
+    by_name = {a.name: i for i, a in enumerate(arrays) if not a.group}
+    out: dict[int, Want] = {}
+    for name, w in wants.items():
+        i = by_name.get(name)
+        if i is None:
+            raise CheckpointError(f"{url}: target tensor {name!r} is not in the checkpoint")
+        a = arrays[i]
+        dtype = str(w.dtype).removeprefix("torch.")
+        if a.kind != "tensor" or a.shape != w.shape or a.dtype != dtype:
+            raise CheckpointError(
+                f"{url}: tensor {name!r} is saved as {a.kind} {a.dtype}{list(a.shape)}, "
+                f"the target wants tensor {dtype}{list(w.shape)}"
+            )
+        out[i] = w
+    return out
+
+
+def metadata_keys(manifest: CheckpointManifest) -> list[str]:
+    """Every Zarr metadata object of a checkpoint (``zarr.json`` of its groups and arrays)."""
+    return [k for k in manifest.objects if k == GROUP_KEY or k.endswith(f"/{GROUP_KEY}")]
 
 
 def _place(leaf: Leaf, map_location: Any) -> Leaf:
@@ -153,12 +238,12 @@ def _read_error(st: Storage, manifest: CheckpointManifest, key: str, exc: Hpstor
     return CheckpointError(f"{st.url}: {manifest.owner(key)}: cannot read {key}: {exc}")
 
 
-def _read_tree(st: Storage, manifest: CheckpointManifest) -> Any:
-    raw = _read_verified(st, manifest, manifest.tree_key)
+def _read_tree(st: Storage, manifest: CheckpointManifest, key: str) -> Any:
+    raw = _read_verified(st, manifest, key)
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{st.url}/{manifest.tree_key}: not valid JSON ({exc})") from None
+        raise CheckpointError(f"{st.url}/{key}: not valid JSON ({exc})") from None
 
 
 def _empty(a: ArraySpec) -> Leaf:

@@ -23,6 +23,8 @@ Tags::
         ``meta`` keeps ``state_dict()._metadata``, the per-module versions torch consults on load)
     {"npscalar": ["float32", node]}  {"torch.dtype": "bfloat16"}
     {"tensor": i}  {"ndarray": i}
+    {"per_rank": k}   (the k-th ``PerRank`` value: each rank's own, kept apart; loads as a list
+        indexed by the rank that saved it)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -51,11 +53,30 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 """Every dtype this torch build knows, by its short name (``"bfloat16"``)."""
 
 
+class PerRank:
+    """Marks a part of a state that differs by rank (RNG states, a loader's position): in a
+    distributed save every rank writes its own, instead of rank 0 writing one for all.
+
+    ``state = {"model": ..., "rank": PerRank({"rng": ...})}``; ``load()`` gives ``state["rank"]``
+    as the list of every saving rank's value, indexed by rank."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"PerRank({self.value!r})"
+
+
 @dataclass(frozen=True, kw_only=True)
 class FlatState:
     tree: Any
     leaves: list[Leaf]
     paths: list[Path]
+    per_rank: list[Any] = field(default_factory=list)
+    """The values of the ``PerRank`` markers, in tag order (``{"per_rank": k}``)."""
+    per_rank_paths: list[Path] = field(default_factory=list)
 
 
 def path_str(path: Path) -> str:
@@ -67,8 +88,11 @@ def flatten(state: Any) -> FlatState:
     """Split ``state`` into a tagged JSON tree and its array leaves (see the module docstring)."""
     leaves: list[Leaf] = []
     paths: list[Path] = []
-    tree = _Encoder(leaves, paths).node(state, ())
-    return FlatState(tree=tree, leaves=leaves, paths=paths)
+    enc = _Encoder(leaves, paths)
+    tree = enc.node(state, ())
+    return FlatState(
+        tree=tree, leaves=leaves, paths=paths, per_rank=enc.per_rank, per_rank_paths=enc.per_rank_paths
+    )
 
 
 class _Encoder:
@@ -76,8 +100,14 @@ class _Encoder:
         self.leaves = leaves
         self.paths = paths
         self.open: set[int] = set()  # containers on the current path, to refuse cycles
+        self.per_rank: list[Any] = []
+        self.per_rank_paths: list[Path] = []
 
     def node(self, x: Any, path: Path) -> Any:
+        if isinstance(x, PerRank):
+            self.per_rank.append(x.value)
+            self.per_rank_paths.append(path)
+            return {"per_rank": len(self.per_rank) - 1}
         if isinstance(x, torch.Tensor | np.ndarray):
             self.leaves.append(x)
             self.paths.append(path)
@@ -142,15 +172,30 @@ def _scalar(x: Any) -> dict[str, Any] | None:
     return None
 
 
-def unflatten(tree: Any, arrays: Sequence[Leaf], *, where: str = "tree.json") -> Any:
-    """Rebuild the state from a tree and its arrays. Malformed input raises ``CheckpointError``."""
-    return _Decoder(arrays, where).node(tree)
+def unflatten(
+    tree: Any,
+    arrays: Sequence[Leaf],
+    *,
+    where: str = "tree.json",
+    per_rank: Sequence[Sequence[Any]] | None = None,
+) -> Any:
+    """Rebuild the state from a tree and its arrays. Malformed input raises ``CheckpointError``.
+    ``per_rank[r]``: rank r's decoded ``PerRank`` values (a tree without them refuses the tag)."""
+    return _Decoder(arrays, where, per_rank).node(tree)
 
 
 class _Decoder:
-    def __init__(self, arrays: Sequence[Leaf], where: str) -> None:
+    def __init__(self, arrays: Sequence[Leaf], where: str, per_rank: Sequence[Sequence[Any]] | None) -> None:
         self.arrays = arrays
         self.where = where
+        self.per_rank = per_rank
+
+    def rank_values(self, v: Any) -> list[Any]:
+        if self.per_rank is None:
+            raise self.bad("'per_rank' value in a checkpoint saved without per-rank values")
+        if type(v) is not int or not all(0 <= v < len(r) for r in self.per_rank):
+            raise self.bad(f"per-rank reference {_preview(v)} out of range")
+        return [r[v] for r in self.per_rank]
 
     def bad(self, what: str) -> CheckpointError:
         return CheckpointError(f"{self.where}: {what}")
@@ -244,6 +289,7 @@ _DECODERS: dict[str, Any] = {
     "torch.dtype": lambda d, v: d.torch_dtype(v),
     "tensor": lambda d, v: d.leaf(v, torch.Tensor),
     "ndarray": lambda d, v: d.leaf(v, np.ndarray),
+    "per_rank": lambda d, v: d.rank_values(v),
 }
 
 

@@ -158,3 +158,47 @@ def _chunk_bytes(snap: Snapshot, index: int, c: ChunkSpec) -> np.ndarray:
     padded = direct_io.aligned_zeros(c.stored)  # Zarr stores edge chunks full-size
     padded[: c.nbytes] = view
     return padded
+
+
+def write_objects(
+    st: Storage, gen: str, docs: Sequence[tuple[str, bytes]], pieces: Sequence[tuple[str, np.ndarray, int]],
+    *, workers: int,
+) -> dict[str, ObjectEntry]:  # fmt: skip
+    """One rank's part of a distributed save: small documents and chunks (``(key, view, stored)``:
+    the chunk's valid bytes and its stored, zero-padded size), written the way ``write_checkpoint``
+    writes (two pools, not atomic inside the generation), then synced. Returns their entries."""
+    jobs: list[tuple[str, bytes | tuple[np.ndarray, int]]] = [(k, d) for k, d in docs]
+    jobs.extend((k, (view, stored)) for k, view, stored in pieces)
+
+    def size(payload: bytes | tuple[np.ndarray, int]) -> int:
+        return len(payload) if isinstance(payload, bytes) else payload[1]
+
+    jobs.sort(key=lambda j: -size(j[1]))
+    groups = [[j for j in jobs if size(j[1]) >= SMALL_OBJECT], [j for j in jobs if size(j[1]) < SMALL_OBJECT]]
+
+    def put(job: tuple[str, bytes | tuple[np.ndarray, int]]) -> tuple[str, ObjectEntry]:
+        key, payload = job
+        if isinstance(payload, bytes):
+            data: bytes | np.ndarray = payload
+        else:
+            view, stored = payload
+            data = view
+            if stored != view.nbytes:
+                data = direct_io.aligned_zeros(stored)
+                data[: view.nbytes] = view
+        entry = ObjectEntry(size=len(data), crc32c=crc32c_hex(data))
+        buf = data if isinstance(data, bytes) else data.data
+        if key.startswith(f"{gen}/"):
+            st.overwrite(key, buf)
+        else:
+            st.write(key, buf, durable=False)
+        return key, entry
+
+    done = run_parallel(lambda group: run_parallel(put, group, workers, name="hpstore-ckpt-write"), groups, 2)
+    st.sync()
+    return dict(done[0] + done[1])
+
+
+def discard_generation(storage: Storage, step: int, gen: str) -> None:
+    """Remove a failed distributed save's objects (every rank's, all under its generation)."""
+    _discard(storage, step, gen)

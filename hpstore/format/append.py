@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from hpstore.errors import InputError
 from hpstore.format.chunks import ChunkReader, _schema
-from hpstore.format.manifest import FieldSpec, Manifest, ObjectEntry, Segment, SplitSpec
+from hpstore.format.manifest import FieldSpec, Manifest, ObjectEntry, Segment, SplitSpec, shard_key
 from hpstore.storage.base import Storage
 
 Batch = Mapping[str, object]
@@ -107,8 +107,6 @@ def extend_split(
     k = first_shard(base)
     if (new.chunk_rows, new.chunks_per_shard) != (base.chunk_rows, base.chunks_per_shard):
         raise AssertionError("an append keeps the split's chunk geometry")
-    from hpstore.format.zarr_shard import shard_key
-
     objects: dict[str, ObjectEntry] = dict(new_objects)
     fields: dict[str, FieldSpec] = {}
     for name, old in base.fields.items():

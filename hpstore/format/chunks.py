@@ -20,7 +20,7 @@ import pyarrow as pa
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CorruptObjectError, InputError
 from hpstore.format import zarr_shard as zf
-from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec
+from hpstore.format.manifest import FieldSpec, Manifest, SplitSpec, shard_key
 from hpstore.storage.base import Range, Storage
 
 Chunk = Any
@@ -64,7 +64,7 @@ class ChunkReader:
 
     def _shard(self, f: FieldSpec, chunk: int) -> tuple[str, int]:
         shard, inner = divmod(chunk, self.split.chunks_per_shard)
-        return zf.shard_key(f.shard_path(shard), shard, 1 + len(f.shape or ())), inner
+        return shard_key(f.shard_path(shard), shard, 1 + len(f.shape or ())), inner
 
     def _load_indices(self, keys: Sequence[str]) -> None:
         need = sorted({k for k in keys if k not in self._indices})

@@ -175,15 +175,20 @@ def referenced_generations(keys: Iterable[str]) -> set[str]:
 
 
 def collect_garbage(storage: Storage, naming: GenerationNaming, *, keep: Collection[str]) -> list[str]:
-    """Delete our generations (rule 2) that are not in ``keep`` (rule 3); returns their names.
+    """Delete our generations (rule 2) that are not in ``keep`` (rule 3), and the backend's scratch
+    of the protocol's own objects (a manifest or lock write killed before its rename); returns
+    their names.
 
     ``keep`` must hold every generation the committed manifest references (its own and
     ``referenced_generations`` of its objects), read *after* the commit."""
-    prefixes, _ = top_level(storage)
+    prefixes, plain = top_level(storage)
     gone = sorted(p for p in prefixes if naming.owns(p) and p not in keep)
-    for name in gone:
+    scratch = sorted(
+        k for k in plain if k.startswith((f"{MANIFEST_KEY}.", f"{LOCK_KEY}.")) and storage.is_scratch(k)
+    )
+    for name in gone + scratch:
         storage.delete_prefix(name)
-    return gone
+    return gone + scratch
 
 
 class WriterLock:

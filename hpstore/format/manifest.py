@@ -64,7 +64,7 @@ class ArrowPart:
 @dataclass(frozen=True, kw_only=True)
 class Segment:
     """Shards ``[first_shard, stop_shard)`` of an array field, stored in the Zarr array at ``path``
-    (shard ``s`` is ``zarr_shard.shard_key(path, s, ndim)``: global shard numbers, so each segment's
+    (shard ``s`` is ``shard_key(path, s, ndim)``: global shard numbers, so each segment's
     array is the whole field's shape with only its own shards present)."""
 
     path: str
@@ -318,11 +318,14 @@ def _tiles(segments: tuple[Segment, ...], num_shards: int) -> bool:
     return at == num_shards
 
 
+def shard_key(array_path: str, shard: int, ndim: int) -> str:
+    """Key of shard ``shard`` of an array with ``ndim`` dims (only the first axis is split)."""
+    return f"{array_path}/c/{shard}" + "/0" * (ndim - 1)
+
+
 def referenced_keys(manifest: Manifest) -> list[str]:
     """Every object key the splits of ``manifest`` point at: group metadata under its generation,
     each array segment's ``zarr.json`` and shards, each Arrow part."""
-    from hpstore.format.zarr_shard import shard_key  # zarr_shard imports this module
-
     keys = [f"{manifest.generation}/zarr.json"]
     for split in manifest.splits.values():
         keys.append(f"{manifest.generation}/{split.name}/zarr.json")

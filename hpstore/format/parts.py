@@ -29,7 +29,7 @@ import pyarrow as pa
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import InputError
 from hpstore.format import zarr_shard as zf
-from hpstore.format.manifest import ArrowPart, Codec, FieldSpec, ObjectEntry, SplitSpec
+from hpstore.format.manifest import ArrowPart, Codec, FieldSpec, ObjectEntry, SplitSpec, shard_key
 from hpstore.format.writer import Column, _concat, _to_arrow, encode_arrow_part
 from hpstore.storage.base import Storage
 
@@ -180,7 +180,7 @@ class _PartWriter:
             chunks, self.chunks[f.name] = self.chunks[f.name], []
             if f.kind == "array":
                 data = zf.encode_shard([c.result() for c in chunks], self.plan.chunks_per_shard)
-                key = zf.shard_key(self.plan.path(f.name), self.shard, 1 + len(f.shape))
+                key = shard_key(self.plan.path(f.name), self.shard, 1 + len(f.shape))
             else:
                 data, ranges = encode_arrow_part(chunks, self.plan.arrow_compression)
                 key = f"{self.plan.path(f.name)}/part-{self.shard:05d}.arrow"

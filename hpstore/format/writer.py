@@ -47,6 +47,7 @@ from hpstore.format.manifest import (
     parse_manifest,
     read_manifest,
     referenced_keys,
+    shard_key,
 )
 from hpstore.storage.base import Storage
 
@@ -222,7 +223,7 @@ class _FieldWriter:
 
     def _write_shard(self, shard: int, chunks: list[Future[Any]]) -> tuple[tuple[str, ObjectEntry], None]:
         data = zf.encode_shard([f.result() for f in chunks], self.sw.chunks_per_shard)
-        key = zf.shard_key(self.path, shard, 1 + len(self.sample_shape))
+        key = shard_key(self.path, shard, 1 + len(self.sample_shape))
         return self.sw.writer.put(key, data), None
 
     def _write_part(self, shard: int, chunks: list[Future[Any]]) -> tuple[tuple[str, ObjectEntry], ArrowPart]:

@@ -134,11 +134,6 @@ def group_metadata(attributes: dict[str, Any] | None = None) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes or {}}).encode()
 
 
-def shard_key(array_path: str, shard: int, ndim: int) -> str:
-    """Key of shard ``shard`` of an array with ``ndim`` dims (only the first axis is split)."""
-    return f"{array_path}/c/{shard}" + "/0" * (ndim - 1)
-
-
 def index_nbytes(chunks_per_shard: int) -> int:
     return 16 * chunks_per_shard + 4
 
