@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from tests.support.ingest_data import write_mnist_dir
 from tests.support.s3server import S3Server, client_env
@@ -56,7 +57,8 @@ def make_inputs(cwd: Path) -> None:
     for cls in ("cat", "dog"):
         (cwd / "imgs" / cls).mkdir(parents=True)
         for i in range(3):
-            (cwd / "imgs" / cls / f"{i}.png").write_bytes(b"\x89PNG fake " + bytes([i]) * 50)
+            pixels = np.full((8 + i, 10, 3), 40 * i, dtype=np.uint8)  # real PNGs: ingest decodes each
+            Image.fromarray(pixels).save(cwd / "imgs" / cls / f"{i}.png")
     rng = np.random.default_rng(0)
     np.save(cwd / "x.npy", rng.integers(0, 255, (120, 8, 8), dtype=np.uint8))
     np.save(cwd / "y.npy", rng.integers(0, 10, 120))

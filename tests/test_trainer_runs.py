@@ -100,7 +100,9 @@ def test_run_learns_and_reports_the_documented_metrics(run_a: RunA) -> None:
     # Every rank's samples are summed: 384 per epoch whatever the world size.
     assert [r["samples"] for r in epochs] == [TRAIN] * EPOCHS
     assert all(r["eval_samples"] == TEST for r in epochs)
-    assert epochs[0]["read_mb_per_s"] > 0 and epochs[0]["cache_hit_rate"] == 0.0
+    # The first epoch reads its chunks; a chunk that two consecutive windows share (the first
+    # windows are small while prefetch fills) is read once and hit once.
+    assert epochs[0]["read_mb_per_s"] > 0 and epochs[0]["cache_hit_rate"] < 0.5
     if run_a.procs == 1:
         assert epochs[1]["cache_hit_rate"] == 1.0  # the whole store fits in the cache
     first_loss = next(r["loss"] for r in recs if r["kind"] == "train")
