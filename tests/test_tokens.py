@@ -143,6 +143,27 @@ def test_windows_are_dealt_exactly_once_per_epoch(byte_store: Path, world_size: 
     assert view.dropped_tokens < 2 * seq
 
 
+@pytest.mark.parametrize("seq", [1, 100, 2047, 2048, 5000])
+def test_window_rows_are_the_stream_whatever_the_chunking(byte_store: Path, seq: int) -> None:
+    """Rows are copied straight from the chunks (strided runs, rows across 2-4 chunks piece by
+    piece): in any order, with repeats, in epochs whose grid is shifted, each row is the stream."""
+    ds = hpstore.open(str(byte_store)).split("train")
+    assert ds.spec.chunk_rows == 2048  # 4 KiB chunks of uint16: seq 5000 spans up to 4 chunks
+    tokens = ds.read(np.arange(len(ds)))["tokens"]
+    view = ds.windows("tokens", seq)
+    rng = np.random.default_rng(seq)
+    idx = np.concatenate([rng.permutation(len(view))[:300], [0, len(view) - 1, 0]])
+    for epoch in (0, 1, 5):
+        rows = view.read(idx, seed=7, epoch=epoch)["tokens"]
+        starts = view.starts(idx, seed=7, epoch=epoch)
+        assert np.array_equal(rows, tokens[starts[:, None] + np.arange(seq + 1)])
+    loader = hpstore.Loader(view, 7, seed=7, with_index=True, shuffle_window=3)
+    loader.set_epoch(1)
+    for batch in loader:
+        starts = view.starts(batch["index"].numpy(), seed=7, epoch=1)
+        assert np.array_equal(batch["tokens"].numpy(), tokens[starts[:, None] + np.arange(seq + 1)])
+
+
 def test_resume_yields_exactly_the_rest(byte_store: Path) -> None:
     view = hpstore.open(str(byte_store)).split("train").windows("tokens", 64)
     full = hpstore.Loader(view, 8, seed=1, world_size=2, rank=1, with_index=True, shuffle_window=2)
