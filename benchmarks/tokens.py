@@ -313,7 +313,8 @@ def ingest_figures(root: Path, sizes: Sizes, reps: int, progress: Progress) -> l
             f" ({np.median(full) / np.median(single):.2f}×, {cores} cores)"
         )
     small, large = sizes.rss_bytes
-    rss_small, rss_large = [], []
+    rss_small: list[float] = []
+    rss_large: list[float] = []
     for _ in range(reps):
         for size, out in ((small, rss_small), (large, rss_large)):
             src = corpus(root / f"rss-{size}.jsonl", size, docs)
@@ -337,7 +338,8 @@ def loading_figures(root: Path, sizes: Sizes, reps: int, progress: Progress) -> 
     ds.read(np.arange(len(ds)))["tokens"].tofile(bin_path)
     figs = []
     for seq in (1024, 4096):
-        cold, first, warm, base, base_cold, copy, warm_cpu, copy_cpu, ttfb = ([] for _ in range(9))  # type: ignore[var-annotated]
+        series: list[list[float]] = [[] for _ in range(9)]
+        cold, first, warm, base, base_cold, copy, warm_cpu, copy_cpu, ttfb = series
         for _ in range(reps):
             evict(store)
             loader = window_loader(hpstore.open(str(store)).split("train"), seq)
