@@ -24,8 +24,9 @@ rows: it sees ``len(view)`` samples in *plan chunks* of ``spec.chunk_rows`` cons
 (about one stored chunk of tokens each), shuffles plan chunks, cuts rank spans and shuffle windows,
 and keeps the same resume contract. Two hooks connect it to storage: ``stored_chunks`` names the
 token chunks a plan chunk's windows read (what is prefetched, cached and evicted), and
-``assemble`` gathers a shuffle window's rows from those decoded chunks with one vectorised copy
-(``np.take`` over a sliding-window view of the chunks laid end to end): no per-window Python.
+``assemble`` gathers a shuffle window's rows from those decoded chunks, each row copied once
+straight from its chunk (``_gather_runs``: one strided view and one assignment per run of grid
+windows in a chunk, no per-window Python), and cuts the window's batches there and then.
 A window that straddles two stored chunks reads both; when the cache cannot hold a chunk between
 its two uses it is read twice (at most 2× the bytes in a cold first epoch).
 """
