@@ -3,6 +3,7 @@ exactly-once epochs across ranks and workers, resume, document packing, bad inpu
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -107,6 +108,43 @@ def test_jsonl_parquet_and_glob_give_the_same_bpe_tokens(tmp_path: Path) -> None
     assert vt[off[1] - 1] == hf.eot
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_jsonl_parsed_in_parallel_blocks_keeps_order_holdout_and_error_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], workers: int
+) -> None:
+    """JSON blocks are parsed and tokenized on several threads: the stream, the held-out split and
+    the document named by an error are what one reader in order gives."""
+    from tools.ingest_tokens import TokenIngestConfig, ingest_tokens
+    from tools.sources import text
+
+    monkeypatch.setattr(text, "BLOCK_BYTES", 4096)  # dozens of blocks from a small real corpus
+    docs = paragraphs()
+    src = tmp_path / "corpus.jsonl.gz"
+    with gzip.open(src, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    cfg = TokenIngestConfig(
+        src=str(src), dst=str(tmp_path / "s"), tokenizer="byte", holdout=0.1, workers=workers, progress=False
+    )
+    result = ingest_tokens(cfg)
+    held = [d for i, d in enumerate(docs) if i % 10 == 9]
+    kept = [d for i, d in enumerate(docs) if i % 10 != 9]
+    store = hpstore.open(str(tmp_path / "s"))
+    for split, want in (("train", kept), ("val", held)):
+        ds = store.split(split)
+        got = ds.read(np.arange(len(ds)))["tokens"]
+        assert np.array_equal(got, byte_stream([d.encode() for d in want]))
+    assert result.documents == {"train": len(kept), "val": len(held)}
+    assert result.text_bytes == sum(len(d.encode()) for d in docs)
+    # An empty document deep in the file (a later block) is named by its number in the file.
+    bad = tmp_path / "bad.jsonl"
+    k = len(docs) - 3
+    bad.write_text("".join(json.dumps({"text": "" if i == k else d}) + "\n" for i, d in enumerate(docs)))
+    assert ingest(bad, tmp_path / "b", "--tokenizer", "byte", "--workers", workers) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"document {k} is empty" in err[0], err
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("world_size,workers", [(1, 0), (2, 2), (3, 1)])
 def test_windows_are_dealt_exactly_once_per_epoch(byte_store: Path, world_size: int, workers: int) -> None:
     ds = hpstore.open(str(byte_store)).split("train")
@@ -141,6 +179,27 @@ def test_windows_are_dealt_exactly_once_per_epoch(byte_store: Path, world_size: 
         phase = view.phase(3, epoch)
         assert (phase == 0) == (epoch == 0)
     assert view.dropped_tokens < 2 * seq
+
+
+@pytest.mark.parametrize("seq", [1, 100, 2047, 2048, 5000])
+def test_window_rows_are_the_stream_whatever_the_chunking(byte_store: Path, seq: int) -> None:
+    """Rows are copied straight from the chunks (strided runs, rows across 2-4 chunks piece by
+    piece): in any order, with repeats, in epochs whose grid is shifted, each row is the stream."""
+    ds = hpstore.open(str(byte_store)).split("train")
+    assert ds.spec.chunk_rows == 2048  # 4 KiB chunks of uint16: seq 5000 spans up to 4 chunks
+    tokens = ds.read(np.arange(len(ds)))["tokens"]
+    view = ds.windows("tokens", seq)
+    rng = np.random.default_rng(seq)
+    idx = np.concatenate([rng.permutation(len(view))[:300], [0, len(view) - 1, 0]])
+    for epoch in (0, 1, 5):
+        rows = view.read(idx, seed=7, epoch=epoch)["tokens"]
+        starts = view.starts(idx, seed=7, epoch=epoch)
+        assert np.array_equal(rows, tokens[starts[:, None] + np.arange(seq + 1)])
+    loader = hpstore.Loader(view, 7, seed=7, with_index=True, shuffle_window=3)
+    loader.set_epoch(1)
+    for batch in loader:
+        starts = view.starts(batch["index"].numpy(), seed=7, epoch=1)
+        assert np.array_equal(batch["tokens"].numpy(), tokens[starts[:, None] + np.arange(seq + 1)])
 
 
 def test_resume_yields_exactly_the_rest(byte_store: Path) -> None:

@@ -10,11 +10,14 @@ token and, last, the token count. The token field's attributes record the tokeni
 ``--holdout F`` sends every ``round(1/F)``-th document to a second split (``--holdout-split``,
 default ``val``), for validation loss on text the model never trained on.
 
-Flow: a reader thread yields batches of about 8 MB of validated documents -> ``--workers``
-threads tokenize batches (the byte tokenizer is one numpy call per batch; ``tokenizers`` runs in
-Rust without the GIL) with at most ``workers + 1`` batches in flight -> the main thread appends
-tokens and offsets, in document order, to ``StoreWriter`` (bounded encode and write pools) ->
-the manifest commits last. Memory is a few batches and chunks whatever the corpus size.
+Flow: a reader thread reads raw pieces in order (2 MB blocks of whole JSON lines, Parquet record
+batches, groups of text files; ``tools.sources.text``) -> ``--workers`` threads each parse, check
+and tokenize a piece (Arrow's JSON parser, UTF-8 validation, the byte tokenizer's numpy calls and
+``tokenizers``' Rust all run without the GIL), at most ``workers + 1`` pieces in flight -> the
+main thread takes results in document order, sends held-out documents to their split, and
+appends tokens and offsets to ``StoreWriter`` (bounded encode and write pools) -> the manifest
+commits last. Memory is a few pieces and chunks whatever the corpus size. Parsing used to run on
+the reader thread alone, which capped a byte-level ingest at one core's JSON parsing.
 
 Exit status as ``tools.ingest``: 0 done; 2 bad input (invalid UTF-8, a missing text column, an
 empty document without ``--skip-empty``, a vocabulary too large for ``--token-dtype``, an unusable
@@ -34,8 +37,6 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from hpstore.errors import HpstoreError, InputError, StorageError
 from hpstore.format.manifest import Manifest
@@ -55,7 +56,7 @@ from tools.ingest import (
 )
 from tools.sources.base import check_field_name
 from tools.sources.prefetch import prefetched
-from tools.sources.text import open_text
+from tools.sources.text import Parsed, Piece, TextSource, open_text
 
 TOKENS_FIELD = "tokens"
 DOCS_SUFFIX = ".docs"
@@ -196,20 +197,44 @@ class _SplitTokens:
         writer.add_split(self.docs)
 
 
-def _encode(
-    tok: ByteTokenizer | HFTokenizer, dtype: np.dtype[Any], docs: pa.Array, first: int, cfg: TokenIngestConfig
-) -> Encoded:
-    """Tokenize one batch of documents, split between train and held-out by document number."""
-    groups = {cfg.split: docs}
-    if cfg.holdout_period:
-        number = np.arange(first, first + len(docs))
-        held = pa.array(number % cfg.holdout_period == cfg.holdout_period - 1)
-        groups = {cfg.split: docs.filter(pc.invert(held)), cfg.holdout_split: docs.filter(held)}
-    out: Encoded = {}
-    for name, part in groups.items():
-        ids, lengths = tok.encode(part) if len(part) else (np.zeros(0, np.uint32), np.zeros(0, np.int64))
-        out[name] = (ids.astype(dtype, copy=False), lengths)
-    return out
+@dataclass(frozen=True)
+class _Tokenized:
+    """One piece, parsed and tokenized on a worker (``failed``: its parse raised ``InputError``,
+    re-run in order on the main thread for a message with the right document number)."""
+
+    piece: Piece
+    parsed: Parsed | None
+    ids: np.ndarray
+    lengths: np.ndarray
+    failed: bool = False
+
+
+def _tokenize(
+    source: TextSource, tok: ByteTokenizer | HFTokenizer, dtype: np.dtype[Any], piece: Piece
+) -> _Tokenized:
+    try:
+        parsed = source.parse(piece)
+    except InputError:
+        return _Tokenized(piece, None, np.zeros(0, dtype), np.zeros(0, np.int64), failed=True)
+    if not len(parsed.docs):
+        return _Tokenized(piece, parsed, np.zeros(0, dtype), np.zeros(0, np.int64))
+    ids, lengths = tok.encode(parsed.docs)
+    return _Tokenized(piece, parsed, ids.astype(dtype, copy=False), lengths)
+
+
+def _split_held_out(ids: np.ndarray, lengths: np.ndarray, first: int, cfg: TokenIngestConfig) -> Encoded:
+    """Documents ``first, first + 1, ...`` between the train split and the held-out one."""
+    if not cfg.holdout_period:
+        return {cfg.split: (ids, lengths)}
+    number = np.arange(first, first + len(lengths))
+    held = number % cfg.holdout_period == cfg.holdout_period - 1
+    if not held.any():
+        return {cfg.split: (ids, lengths)}
+    per_token = np.repeat(held, lengths)
+    return {
+        cfg.split: (ids[~per_token], lengths[~held]),
+        cfg.holdout_split: (ids[per_token], lengths[held]),
+    }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -261,27 +286,36 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
     ) as writer:
         outs = {n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}) for n in names}
         workers = max(1, cfg.workers)
-        pending: deque[Future[Encoded]] = deque()
+        pending: deque[Future[_Tokenized]] = deque()
+        rows: dict[str, int] = {}  # documents of each file so far (error messages name them)
+        first = 0  # documents kept so far (the held-out split takes every holdout_period-th)
 
         def drain(limit: int) -> None:
+            nonlocal first
             while len(pending) > limit:
-                for name, (ids, lengths) in pending.popleft().result().items():
+                done = pending.popleft().result()
+                base = rows.get(done.piece.path, 0)
+                parsed = done.parsed if not done.failed else source.parse(done.piece, base)  # raises
+                assert parsed is not None
+                rows[done.piece.path] = base + parsed.rows
+                source.account(parsed)
+                for name, (ids, lengths) in _split_held_out(done.ids, done.lengths, first, cfg).items():
                     outs[name].append(ids, lengths)
+                first += len(done.lengths)
 
         with (
             ThreadPoolExecutor(workers, thread_name_prefix="hpstore-tokenize") as pool,
-            closing(prefetched(source.documents())) as batches,
+            closing(prefetched(source.pieces())) as pieces,
         ):
-            first = 0
             try:
-                for docs in batches:
-                    pending.append(pool.submit(_encode, tok, dtype, docs, first, cfg))
-                    first += len(docs)
+                for piece in pieces:
+                    pending.append(pool.submit(_tokenize, source, tok, dtype, piece))
                     drain(workers)
                 drain(0)
             finally:
                 for f in pending:
                     f.cancel()
+        source.check_any()
         for out in outs.values():
             out.finish(writer)
         manifest = writer.commit()

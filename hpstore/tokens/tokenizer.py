@@ -36,7 +36,7 @@ class Tokenizer(Protocol):
 
     def encode(self, docs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """``(ids, lengths)`` of a string array: each document's ids followed by ``eot``,
-        concatenated (uint32), and each document's length in ids including its ``eot``."""
+        concatenated (unsigned: uint16 or uint32), and each document's length in ids including its ``eot``."""
         ...
 
     def decode(self, ids: np.ndarray) -> str: ...
@@ -87,7 +87,8 @@ class ByteTokenizer:
 
     def encode(self, docs: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         offsets, data = _string_buffers(docs)
-        ids = np.insert(data.astype(np.uint32), offsets[1:], np.uint32(self.eot))
+        # uint16 straight away (every id < 257): one pass fewer over the corpus than via uint32.
+        ids = np.insert(data.astype(np.uint16), offsets[1:], np.uint16(self.eot))
         return ids, np.diff(offsets) + 1
 
     def decode(self, ids: np.ndarray) -> str:

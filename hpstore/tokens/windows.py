@@ -24,8 +24,9 @@ rows: it sees ``len(view)`` samples in *plan chunks* of ``spec.chunk_rows`` cons
 (about one stored chunk of tokens each), shuffles plan chunks, cuts rank spans and shuffle windows,
 and keeps the same resume contract. Two hooks connect it to storage: ``stored_chunks`` names the
 token chunks a plan chunk's windows read (what is prefetched, cached and evicted), and
-``assemble`` gathers a shuffle window's rows from those decoded chunks with one vectorised copy
-(``np.take`` over a sliding-window view of the chunks laid end to end): no per-window Python.
+``assemble`` gathers a shuffle window's rows from those decoded chunks, each row copied once
+straight from its chunk (``_gather_runs``: one strided view and one assignment per run of grid
+windows in a chunk, no per-window Python), and cuts the window's batches there and then.
 A window that straddles two stored chunks reads both; when the cache cannot hold a chunk between
 its two uses it is read twice (at most 2× the bytes in a cold first epoch).
 """
@@ -44,10 +45,11 @@ import torch
 
 from hpstore.errors import InputError
 from hpstore.format.manifest import SplitSpec
+from hpstore.loading.batch import WindowRows
 
 if TYPE_CHECKING:
     from hpstore.dataset import Dataset
-    from hpstore.loading.batch import Take, WindowRows
+    from hpstore.loading.batch import Take
     from hpstore.loading.plan import EpochPlan, Window
 
 DOCUMENTS_ATTR = "documents"
@@ -106,6 +108,7 @@ class TokenWindows:
         self.respect_documents = bool(respect_documents)
         self.shift = bool(shift) and not self.respect_documents
         self._starts: np.ndarray | None = None
+        self._phases: dict[tuple[int, int], int] = {}
         self._lengths: np.ndarray | None = None
         if self.respect_documents:
             self._starts, self._lengths = pack_documents(self._document_offsets(), self.width)
@@ -161,7 +164,11 @@ class TokenWindows:
         """Where the grid starts in ``epoch``: 0 in epoch 0, then drawn from ``[0, seq_len)``."""
         if not self.shift or epoch == 0:
             return 0
-        return int(np.random.default_rng([seed, epoch, 0x70C]).integers(self.seq_len))
+        key = (seed, epoch)
+        p = self._phases.get(key)
+        if p is None:  # a generator costs ~0.1 ms; the loader asks for every window and plan chunk
+            p = self._phases[key] = int(np.random.default_rng([seed, epoch, 0x70C]).integers(self.seq_len))
+        return p
 
     def starts(self, indices: np.ndarray, *, seed: int = 0, epoch: int = 0) -> np.ndarray:
         """First token of each window."""
@@ -236,8 +243,6 @@ class TokenWindows:
         pin: bool,
     ) -> WindowRows:
         """A shuffle window's rows, gathered from decoded token chunks (``chunk_of``)."""
-        from hpstore.loading.batch import WindowRows
-
         idx = window.indices()
         starts = self.starts(idx, seed=plan.spec.seed, epoch=plan.epoch)
         out = take((len(idx), self.width), self.dtype)
@@ -251,7 +256,7 @@ class TokenWindows:
         if with_index:
             index = take(idx.shape, idx.dtype)
             index.numpy()[:] = idx
-        return WindowRows(window, columns, frozenset(), index=index, pin=pin)
+        return _WindowBatches(window, columns, index=index, pin=pin)
 
     def _document_offsets(self) -> np.ndarray:
         """Where each document starts, and the stream's end (the ``<split>.docs`` split)."""
@@ -295,13 +300,12 @@ class TokenWindows:
         out: np.ndarray,
     ) -> np.ndarray | None:
         """Fill ``out[k] = tokens[starts[k] : starts[k] + seq_len + 1]`` from decoded chunks; with
-        ``lengths``, pad past each window's length and return the target mask ``[n, seq_len]``.
-
-        The chunks the windows touch are laid end to end in one buffer (neighbours stay adjacent,
-        so a window crossing a chunk boundary reads straight through), and one ``index_select``
-        over a sliding-window view of it copies every row: no per-window Python."""
+        ``lengths``, pad past each window's length and return the target mask ``[n, seq_len]``."""
         if not len(starts):
             return None if lengths is None else np.zeros((0, self.seq_len), dtype=bool)
+        if lengths is None:
+            _gather_runs(starts, self.seq_len, self.width, self.chunk_tokens, chunk_of, out)
+            return None
         ct = self.chunk_tokens
         chunks = self._chunks_of_starts(starts)
         parts = [np.asarray(chunk_of(c)) for c in chunks]
@@ -315,11 +319,87 @@ class TokenWindows:
         where = np.searchsorted(np.asarray(chunks, dtype=np.int64), first)
         local = pos[where] + (starts - first * ct)
         _take_rows(buf, local, self.width, out)
-        if lengths is None:
-            return None
         real = np.arange(self.width) < lengths[:, None]
         out[~real] = self.pad_id
         return real[:, 1:]
+
+
+class _WindowBatches(WindowRows):
+    """A built window whose batches are cut when it is built, on the loader's worker thread:
+    ``batch(k)`` in the consumer is then a dict of views already made (~0.2 µs instead of ~6 µs
+    of tensor slicing per batch, which at 16 × 1024 tokens is a third of the copy's own cost)."""
+
+    def __init__(self, window: Window, columns: dict[str, Any], *, index: Any, pin: bool) -> None:
+        super().__init__(window, columns, frozenset(), index=index, pin=pin)
+        size = window.batch_size
+        parts = {name: col.split(size) for name, col in columns.items()}
+        if index is not None:
+            parts["index"] = index.split(size)
+        names = list(parts)
+        self._batches = [dict(zip(names, views, strict=True)) for views in zip(*parts.values(), strict=True)]
+
+    def batch(self, k: int) -> dict[str, Any]:
+        return dict(self._batches[k])
+
+
+def _gather_runs(
+    starts: np.ndarray,
+    step: int,
+    width: int,
+    chunk_tokens: int,
+    chunk_of: Callable[[int], Any],
+    out: np.ndarray,
+) -> None:
+    """``out[k] = tokens[starts[k] : starts[k] + width]``, each row copied once, straight from its chunk.
+
+    Grid windows sorted by start form long runs ``s, s + step, s + 2·step, ...`` inside one chunk; a
+    run is a strided view of that chunk (``width`` tokens every ``step``), scattered into its output
+    rows by one fancy-indexed assignment (numpy walks the strided source row by row: no
+    temporary). Measured on 2 cores under contention: 1.56 GB/s against 1.77 GB/s for a plain copy,
+    where laying the chunks end to end first and ``index_select``-ing from that (two copies) ran
+    0.54 GB/s. Rows that straddle chunks (at most one per chunk boundary) are copied piece by
+    piece; arbitrary starts simply make runs of one."""
+    n = len(starts)
+    order = np.argsort(starts, kind="stable")
+    s = starts[order]
+    first = s // chunk_tokens
+    inside = (s - first * chunk_tokens) + width <= chunk_tokens
+    joins = np.ones(n, dtype=bool)
+    if n > 1:
+        joins[1:] = ~((np.diff(s) == step) & (first[1:] == first[:-1]) & inside[1:] & inside[:-1])
+    heads = np.flatnonzero(joins)
+    ends = np.append(heads[1:], n)
+    item = out.dtype.itemsize
+    for a, b, c, ok in zip(
+        heads.tolist(), ends.tolist(), first[heads].tolist(), inside[heads].tolist(), strict=True
+    ):
+        arr = np.asarray(chunk_of(c)).view(out.dtype)
+        off = int(s[a]) - c * chunk_tokens
+        if not ok:  # one row across two or more chunks (or past a short last chunk: a caller bug)
+            _copy_across(int(s[a]), width, chunk_tokens, chunk_of, out[order[a]])
+        elif b - a == 1:
+            out[order[a]] = arr[off : off + width]
+        else:
+            src = np.lib.stride_tricks.as_strided(
+                arr[off:], shape=(b - a, width), strides=(step * item, item), writeable=False
+            )
+            out[order[a:b]] = src
+
+
+def _copy_across(
+    start: int, width: int, chunk_tokens: int, chunk_of: Callable[[int], Any], row: np.ndarray
+) -> None:
+    done = 0
+    while done < width:
+        pos = start + done
+        c = pos // chunk_tokens
+        arr = np.asarray(chunk_of(c)).view(row.dtype)
+        o = pos - c * chunk_tokens
+        m = min(width - done, len(arr) - o)
+        if m <= 0:
+            raise IndexError(f"window at token {start} runs past the end of the stream")
+        row[done : done + m] = arr[o : o + m]
+        done += m
 
 
 def _take_rows(buf: np.ndarray, starts: np.ndarray, width: int, out: np.ndarray) -> None:

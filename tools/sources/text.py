@@ -11,7 +11,11 @@ the files are taken in sorted order, so the same input gives the same store.
   file is meant to be one document, not a corpus).
 
 ``documents()`` yields Arrow string arrays of about ``BATCH_BYTES`` of text, fully validated as
-UTF-8. Bad input raises one-line ``InputError``s naming the file: invalid UTF-8, a missing or
+UTF-8. For parallel readers the same work comes in two halves: ``pieces()`` reads raw input in
+order on one thread (blocks of whole JSON lines of ``BLOCK_BYTES``, Parquet record batches, groups
+of text files) and ``parse(piece)``, callable on any thread, turns a piece into checked documents
+(JSON parsing, UTF-8 validation and the empty checks run there, mostly in Arrow without the GIL).
+``parse`` mutates nothing; the caller adds each result's counts in order with ``account``. Bad input raises one-line ``InputError``s naming the file: invalid UTF-8, a missing or
 non-string text column, a null or empty document (unless ``skip_empty``, which drops and counts
 them), a corpus without any document.
 """
@@ -22,6 +26,7 @@ import glob
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -37,6 +42,29 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 
 _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
+BLOCK_BYTES = 2 << 20
+"""Raw JSONL per piece: small enough that a few-MB corpus still spreads over the parse threads."""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Raw input for some consecutive documents of one file: ``data`` is whole JSON lines
+    (bytes), a Parquet column (``pa.Array``) or, for ``kind == "text"``, a list of file paths."""
+
+    path: str
+    kind: str
+    data: Any
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """A parsed piece: checked, non-empty documents; ``rows`` counts them before empty ones were
+    dropped (``skipped``); ``nbytes`` is the text read."""
+
+    docs: pa.Array
+    rows: int
+    skipped: int
+    nbytes: int
 
 
 def kind_of(path: str) -> str | None:
@@ -119,57 +147,120 @@ class TextSource:
         """Batches of validated, non-empty documents (``pa.string`` / ``pa.large_string``)."""
         out: list[pa.Array] = []
         size = 0
-        any_doc = False
-        for path in self.files:
-            for arr, first_row in self._read(path):
-                arr = self._clean(path, arr, first_row)
-                if not len(arr):
-                    continue
-                any_doc = True
-                out.append(arr)
-                size += arr.nbytes
-                if size >= self.batch_bytes:
-                    yield _concat(out)
-                    out, size = [], 0
+        rows: dict[str, int] = {}
+        for piece in self.pieces():
+            parsed = self.parse(piece, rows.get(piece.path, 0))
+            rows[piece.path] = rows.get(piece.path, 0) + parsed.rows
+            self.account(parsed)
+            if not len(parsed.docs):
+                continue
+            out.append(parsed.docs)
+            size += parsed.docs.nbytes
+            if size >= self.batch_bytes:
+                yield _concat(out)
+                out, size = [], 0
         if out:
             yield _concat(out)
-        if not any_doc:
+        self.check_any()
+
+    def account(self, parsed: Parsed) -> None:
+        """Add a parsed piece's counts (call in piece order, on one thread)."""
+        self.bytes_read += parsed.nbytes
+        self.skipped += parsed.skipped
+        self.documents_read += len(parsed.docs)
+
+    def check_any(self) -> None:
+        """After the last piece: refuse a corpus without any document."""
+        if not self.documents_read:
             raise InputError(f"{self.path}: no documents")
 
-    def _read(self, path: str) -> Iterator[tuple[pa.Array, int]]:
-        kind = kind_of(path)
-        if kind == "text":
-            with open(path, "rb") as f:
-                raw = f.read()
-            self.bytes_read += len(raw)
-            yield pa.array([raw], pa.binary()).cast(pa.large_string(), safe=False), 0
-            return
-        row = 0
+    def pieces(self) -> Iterator[Piece]:
+        """Raw input in document order, about ``BLOCK_BYTES`` per piece (see the module docstring)."""
+        group: list[str] = []
+        size = 0
+        for path in self.files:
+            kind = kind_of(path) or ""
+            if kind == "text":
+                group.append(path)
+                size += os.path.getsize(path)
+                if size >= self.batch_bytes:
+                    yield Piece(path, "text", group)
+                    group, size = [], 0
+                continue
+            if group:
+                yield Piece(group[0], "text", group)
+                group, size = [], 0
+            try:
+                if kind == "parquet":
+                    pf = pq.ParquetFile(path)
+                    self._check_type(path, pf.schema_arrow)
+                    for batch in pf.iter_batches(batch_size=8192, columns=[self.text_field]):
+                        yield Piece(path, kind, batch.column(batch.schema.get_field_index(self.text_field)))
+                else:
+                    yield from self._json_blocks(path)
+            except InputError:
+                raise
+            except _ARROW_ERRORS as exc:
+                raise InputError(f"{path}: {_first_line(exc)}") from None
+        if group:
+            yield Piece(group[0], "text", group)
+
+    def _json_blocks(self, path: str) -> Iterator[Piece]:
+        """Whole lines of ``path`` (decompressed by its suffix), about ``BLOCK_BYTES`` at a time."""
+        rest = b""
+        with pa.input_stream(path, compression="detect") as f:
+            while True:
+                data = f.read(BLOCK_BYTES)
+                if not data:
+                    break
+                buf = rest + data if rest else data
+                cut = buf.rfind(b"\n") + 1
+                if cut == 0:  # one line longer than a block: keep reading
+                    rest = buf
+                    continue
+                rest = buf[cut:]
+                yield Piece(path, "jsonl", buf[:cut])
+        if rest.strip():
+            yield Piece(path, "jsonl", rest)
+
+    def parse(self, piece: Piece, first_row: int = 0) -> Parsed:
+        """The checked documents of ``piece``; ``first_row`` (its first document's number in its
+        file) only words error messages. Thread-safe: reads ``self``'s settings only."""
+        if piece.kind == "text":
+            parts = [self._parse_text(p) for p in piece.data]
+            docs = [d.docs for d in parts if len(d.docs)]
+            return Parsed(
+                docs=_concat(docs) if docs else pa.array([], pa.large_string()),
+                rows=sum(d.rows for d in parts),
+                skipped=sum(d.skipped for d in parts),
+                nbytes=sum(d.nbytes for d in parts),
+            )
+        col = piece.data
         try:
-            if kind == "parquet":
-                pf = pq.ParquetFile(path)
-                self._check_type(path, pf.schema_arrow)
-                batches: Iterator[pa.RecordBatch] = pf.iter_batches(
-                    batch_size=8192, columns=[self.text_field]
-                )
-            else:
-                reader = pjson.open_json(path, read_options=pjson.ReadOptions(block_size=4 << 20))
-                self._check_type(path, reader.schema)
-                batches = iter(reader)
-            for batch in batches:
-                col = batch.column(batch.schema.get_field_index(self.text_field))
-                if pa.types.is_dictionary(col.type):
-                    col = col.dictionary_decode()
-                self.bytes_read += col.nbytes
-                yield col, row
-                row += len(col)
+            if piece.kind == "jsonl":
+                opts = pjson.ReadOptions(use_threads=False, block_size=max(1 << 20, len(col) + 1))
+                table = pjson.read_json(pa.BufferReader(col), read_options=opts)
+                self._check_type(piece.path, table.schema)
+                col = table.column(self.text_field).combine_chunks()
+            if pa.types.is_dictionary(col.type):
+                col = col.dictionary_decode()
         except InputError:
             raise
         except _ARROW_ERRORS as exc:
-            raise InputError(f"{path}: {_first_line(exc)}") from None
+            raise InputError(f"{piece.path}: {_first_line(exc)}") from None
+        docs, skipped = self._clean(piece.path, col, first_row)
+        text = pc.sum(pc.binary_length(col)).as_py() if len(col) else 0
+        return Parsed(docs=docs, rows=len(col), skipped=skipped, nbytes=int(text or 0))
 
-    def _clean(self, path: str, arr: pa.Array, first_row: int) -> pa.Array:
-        """Validate UTF-8; refuse (or drop) null and empty documents."""
+    def _parse_text(self, path: str) -> Parsed:
+        with open(path, "rb") as f:
+            raw = f.read()
+        arr = pa.array([raw], pa.binary()).cast(pa.large_string(), safe=False)
+        docs, skipped = self._clean(path, arr, 0)
+        return Parsed(docs=docs, rows=1, skipped=skipped, nbytes=len(raw))
+
+    def _clean(self, path: str, arr: pa.Array, first_row: int) -> tuple[pa.Array, int]:
+        """Validate UTF-8; refuse (or drop and count) null and empty documents."""
         try:
             arr.validate(full=True)
         except pa.ArrowInvalid:
@@ -186,10 +277,8 @@ class TextSource:
                     else f"document {first_row + k} is empty or null"
                 )
                 raise InputError(f"{path}: {what} (--skip-empty drops empty documents)")
-            self.skipped += int(pc.sum(empty).as_py())
-            arr = arr.filter(pc.invert(empty))
-        self.documents_read += len(arr)
-        return arr
+            return arr.filter(pc.invert(empty)), int(pc.sum(empty).as_py())
+        return arr, 0
 
 
 def _first_invalid(arr: pa.Array) -> int:
