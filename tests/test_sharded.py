@@ -216,7 +216,7 @@ def fsdp_run(store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("fsdpA")
     r = run_trainer(
         ["--data", store, *ARGS, "--parallel", "fsdp", "--ckpt", str(d / "ck"), "--ckpt-every", "5",
-         "--metrics", str(d / "m.jsonl")], procs=2, timeout=300,
+         "--metrics", str(d / "m.jsonl"), "--log-indices", str(d / "idx.jsonl")], procs=2, timeout=300,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     return d
@@ -224,6 +224,12 @@ def fsdp_run(store: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _losses(path: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records(path) if r["kind"] == "train"}
+
+
+def _indices(path: Path, procs: int) -> list[dict[str, Any]]:
+    """Every rank's ``--log-indices`` records (rank r > 0 writes ``path.rank<r>``)."""
+    files = [path] + [path.with_name(f"{path.name}.rank{r}") for r in range(1, procs)]
+    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
 
 
 def _summary(path: Path) -> dict[str, Any]:
@@ -277,13 +283,25 @@ def test_same_world_size_resume_is_bit_exact(store: str, fsdp_run: Path, tmp_pat
 def test_resume_on_another_world_size(store: str, fsdp_run: Path, tmp_path: Path, procs: int) -> None:
     ck = _resumable_copy(fsdp_run, tmp_path, 15)
     m = tmp_path / "m.jsonl"
-    r = run_trainer(["--data", store, *ARGS, "--parallel", "fsdp", "--ckpt", str(ck), "--ckpt-every", "5", "--resume", "--metrics", str(m)], procs=procs, timeout=300)  # fmt: skip
+    idx = tmp_path / "idx.jsonl"
+    r = run_trainer(["--data", store, *ARGS, "--parallel", "fsdp", "--ckpt", str(ck), "--ckpt-every", "5", "--resume", "--metrics", str(m), "--log-indices", str(idx)], procs=procs, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     assert "continuing from" in r.stdout
     steps_per_epoch = -(-384 // (16 * procs))
     # Saved at epoch 2, batch 3 of 12 (2 ranks): continues at batch 3·2/W' of the W' plan.
     first = min(_losses(m))
     assert first == steps_per_epoch + (3 * 2) // procs + 1
+    # The interrupted epoch: what the 2 ranks consumed before step 15 plus what the W' ranks
+    # consumed after the resume is every training sample exactly once (elastic loader resume).
+    before = [
+        i
+        for rec in _indices(fsdp_run / "idx.jsonl", 2)
+        if rec["epoch"] == 1 and rec["step"] <= 15
+        for i in rec["index"]
+    ]
+    after = [i for rec in _indices(idx, procs) if rec["epoch"] == 1 for i in rec["index"]]
+    assert len(before) == 3 * 2 * 16
+    assert sorted(before + after) == list(range(384))
     mine, uninterrupted = _summary(m), _summary(fsdp_run / "m.jsonl")
     assert mine["eval_loss"] == pytest.approx(uninterrupted["eval_loss"], rel=RESHARD_LOSS_RTOL)
     assert abs(mine["eval_acc"] - uninterrupted["eval_acc"]) <= 0.02

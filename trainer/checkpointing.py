@@ -17,20 +17,20 @@ With ``--parallel fsdp`` the checkpoint is sharded: model and optimizer are the 
 of ``get_state_dict`` (every rank writes its own rows of each tensor, ``hpstore.checkpoint.sharded``),
 ``ranks`` is a ``PerRank`` value every rank writes itself, and nothing crosses ranks as pickle. Such
 a checkpoint resumes on any number of processes (``restore``): model and Adam moments are resharded
-on load. On the same number it is exact as above. On another number W' (saved with W) the data
-position cannot be exact until the loader resumes elastically, so this module does the nearest
-thing, deterministically: the interrupted epoch continues under the W' sample plan from batch
-``floor(b * W / W')`` (b = batches of that epoch done with W ranks: about as many samples as were
-consumed, but the rest of that epoch may repeat or skip some samples), the global step and the LR
-schedule are mapped to that point of the W' run (the cosine schedule continues at the same
-fraction of training), and RNG states are re-seeded from (seed, step, rank).
+on load. On the same number it is exact as above. On another number W' (saved with W) the loader
+resumes elastically: the samples of the interrupted epoch that the W ranks had not yet consumed are
+re-planned over the W' ranks, each delivered exactly once, the same number of steps ``r`` on every
+rank (``Loader.load_state_dict``). The run then stands at batch ``steps_per_epoch - r`` of that
+epoch of the W' run: the global step and the LR schedule are mapped there (the cosine schedule
+continues at about the same fraction of training), and RNG states are re-seeded from (seed, step,
+rank), since per-rank random streams cannot be split or merged.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -209,17 +209,24 @@ class RunCheckpoints:
             mine = ranks[self.dist.rank]
             set_rng_state(mine["rng"], self.dist.device)
             return Position(step=step, epoch=epoch, batch=batch, loader=mine["loader"])
-        # Another world size: the nearest representable position (see the module docstring).
-        new_batch = min(steps_per_epoch, batch * saved_world // self.dist.world_size)
+        # Another world size: the loader re-plans the rest of the interrupted epoch over this run's
+        # ranks (every remaining sample once, equal steps; hpstore.loading.plan, elastic resume). The
+        # step counter and schedule move to where this run's epoch has that many steps left.
+        saved_loader = ranks[0]["loader"]  # the same position on every rank
+        rest = steps_per_epoch
+        if saved_loader is not None:
+            loader.set_epoch(epoch)
+            loader.load_state_dict(saved_loader)
+            rest = loader.steps_in_epoch
+        new_batch = max(0, steps_per_epoch - rest)
         new_step = epoch * steps_per_epoch + new_batch
         _move_schedule(scheduler, optimizer, new_step)
         torch.manual_seed(self.seed * 7919 + new_step * 31 + self.dist.rank)
         np.random.seed((self.seed * 7919 + new_step * 31 + self.dist.rank) % 2**32)
         random.seed(self.seed * 7919 + new_step * 31 + self.dist.rank)
-        state_now = dict(loader.state_dict())
-        state_now.update(epoch=epoch, step=new_batch)
-        pos = Position(step=new_step, epoch=epoch, batch=new_batch, loader=state_now)
-        return replace(pos, loader=None) if new_batch == 0 else pos
+        if saved_loader is None:
+            return Position(step=new_step, epoch=epoch, batch=0, loader=None)
+        return Position(step=new_step, epoch=epoch, batch=new_batch, loader=loader.state_dict())
 
     def list_existing(self) -> list[int]:
         return list(self.ck.steps()) if self.ck is not None else []
