@@ -39,6 +39,8 @@ from hpstore.checkpoint.plan import step_prefix
 from hpstore.checkpoint.sharded import shard_range, sharded_chunk_shape
 from hpstore.errors import CheckpointError
 from tests.support.ckpt import assert_same
+from tests.support.s3server import S3Server, bucket_objects, client_env
+from tests.support.s3server import s3_server as s3_server  # the fixture
 from tests.support.trainer_store import write_image_store
 from tests.test_trainer import ROOT, records, run_trainer, trainer_env
 
@@ -51,9 +53,12 @@ RESHARD_LOSS_RTOL = 0.6
 number and size of the remaining steps: the end is as good, not the same."""
 
 
-def torchrun(procs: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    procs: int, *args: str, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=trainer_env(), capture_output=True, text=True, timeout=timeout)
+    run_env = {**trainer_env(), **(env or {})}
+    return subprocess.run(cmd, cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=timeout)
 
 
 # -- pure plan ------------------------------------------------------------------------------------
@@ -307,3 +312,17 @@ def test_resume_on_another_world_size(store: str, fsdp_run: Path, tmp_path: Path
     assert abs(mine["eval_acc"] - uninterrupted["eval_acc"]) <= 0.02
     final = _final_state(ck)
     assert len(final["ranks"]) == procs and final["progress"]["step"] == 2 * steps_per_epoch
+
+
+def test_sharded_save_and_reshard_on_an_s3_server(tmp_path: Path, s3_server: S3Server) -> None:
+    # Two ranks write their shards of one checkpoint to the loopback S3 server; three ranks load
+    # it back onto their own shards (each reads only the chunks of its rows) and check every row.
+    bucket = s3_server.create_bucket()
+    env = {**client_env(s3_server.endpoint), "HPSTORE_TEST_CKPT_URL": f"s3://{bucket}/ck"}
+    r = torchrun(2, CHILD, "save", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    keys = bucket_objects(s3_server, bucket)
+    assert any(k.startswith("ck/step-") and k.endswith("manifest.json") for k in keys), keys
+    assert not (tmp_path / "ck").exists()  # nothing went to the local directory
+    r = torchrun(3, CHILD, "load", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -8,6 +8,9 @@ it sharded as step 1 with a ``PerRank`` value, and writes the full tensors (``fu
 local shard against ``DIR/full.npz`` rows and the per-rank values, applies it with
 ``set_state_dict`` and runs a step.
 
+With ``HPSTORE_TEST_CKPT_URL`` set (``s3://bucket/ck``, endpoint and keys from ``AWS_*``), ``save``
+and ``load`` use that checkpoint instead of ``DIR/ck``.
+
 ``loop DIR``: saves a ~24 MB sharded state again and again (the parent SIGKILLs a rank).
 """
 
@@ -70,7 +73,8 @@ def main(mode: str, root: Path) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, opt = build()
-    ck = Checkpointer(str(root / "ck"), layout=LAYOUT)
+    # HPSTORE_TEST_CKPT_URL: the checkpoint on an object store (endpoint and keys from AWS_*).
+    ck = Checkpointer(os.environ.get("HPSTORE_TEST_CKPT_URL", str(root / "ck")), layout=LAYOUT)
     if mode == "save":
         step(model, opt)
         msd, osd = get_state_dict(model, opt)
