@@ -260,6 +260,57 @@ def test_incomplete_checkpoints_are_ignored_then_removed(tmp_path: Path) -> None
     assert ck.steps() == [1, 3]
 
 
+def test_clean_up_deletes_only_what_saves_wrote(tmp_path: Path) -> None:
+    """Pruning a re-saved step, retention and the removal of incomplete steps delete our
+    generations (``data-<12 hex>``), group metadata and spares (``spare-<12 hex>``), never a
+    folder someone else put beside them."""
+    foreign = [
+        tmp_path / step_prefix(5) / "notes" / "README.txt",  # in a step saved twice
+        tmp_path / step_prefix(5) / "data-raw" / "x.bin",  # looks like a generation, is not ours
+        tmp_path / step_prefix(1) / "notes" / "README.txt",  # in a step retention retires
+        tmp_path / step_prefix(2) / "mine.txt",  # in a step with no manifest (incomplete)
+        tmp_path / "spare-notes" / "a.txt",  # looks like a spare, is not ours
+    ]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not hpstore's")
+    with Checkpointer(str(tmp_path), keep=1) as ck:
+        ck.save(1, {"v": torch.tensor(1)})
+        ck.save(5, {"v": torch.tensor(5)})
+        ck.save(5, {"v": torch.tensor(50)})  # prunes the first save's generation of step 5
+        ck.wait()
+        assert ck.steps() == [5] and ck.load()["v"].item() == 50
+        gens = sorted(p.name for p in (tmp_path / step_prefix(5)).iterdir() if p.is_dir())
+        assert gens == sorted(["data-raw", "notes", manifest_of(tmp_path, 5)["generation"]])
+        assert not (tmp_path / step_prefix(1) / "zarr.json").exists()  # step 1: ours went
+        assert sorted(p.name for p in (tmp_path / step_prefix(1)).iterdir()) == ["notes"]
+    for path in foreign:
+        assert path.read_text() == "not hpstore's", path
+
+
+def test_a_manifest_naming_an_older_generation_length_still_loads(tmp_path: Path) -> None:
+    """Manifests may name ``data-`` plus 8 to 32 hex digits (what readers always accepted); only
+    the writer's own 12-digit names are collected, so such a generation is never deleted."""
+    with Checkpointer(str(tmp_path)) as ck:
+        ck.save(3, {"v": torch.arange(5.0)})
+        ck.wait()
+    m = manifest_of(tmp_path, 3)
+    old, new = m["generation"], "data-0123456789abcdef"
+    (tmp_path / step_prefix(3) / old).rename(tmp_path / step_prefix(3) / new)
+    m["generation"] = new
+    m["objects"] = {k.replace(old, new, 1): v for k, v in m["objects"].items()}
+    (tmp_path / step_prefix(3) / "manifest.json").write_text(json.dumps(m))
+    with Checkpointer(str(tmp_path)) as ck:
+        assert ck.load(3)["v"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+        ck.save(4, {"v": torch.arange(2.0)})
+        ck.wait()
+        assert ck.load(3)["v"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    m["generation"] = "data-0123"  # outside the readable range
+    (tmp_path / step_prefix(3) / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CheckpointError, match="bad generation 'data-0123'"):
+        read_manifest(open_storage(str(tmp_path)), 3)
+
+
 def test_stats_count_the_wait_for_the_previous_save_separately(tmp_path: Path) -> None:
     ck = Checkpointer(str(tmp_path), layout=SMALL)
     state = {"w": torch.randn(512, 512)}

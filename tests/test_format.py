@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 
 import hpstore
 from hpstore.errors import ManifestError, StoreNotFoundError
+from hpstore.format.dtypes import ZARR_CORE_DTYPES
 from hpstore.format.manifest import MANIFEST_KEY, Manifest
 from hpstore.format.writer import Layout
-from hpstore.format.zarr_shard import SUPPORTED_DTYPES
 from hpstore.storage.local import LocalStorage
 from hpstore.storage.open import open_storage
 from tests.support.stores import sample_columns, write_store
@@ -56,7 +56,7 @@ def same_bits(a: np.ndarray, b: np.ndarray) -> bool:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    dtype=st.sampled_from(sorted(SUPPORTED_DTYPES)),
+    dtype=st.sampled_from(sorted(ZARR_CORE_DTYPES)),
     shape=st.sampled_from(SHAPES),
     n=st.integers(1, 300),
     codec=st.sampled_from(CODECS),

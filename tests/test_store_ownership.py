@@ -196,3 +196,9 @@ def test_generation_naming_is_strict() -> None:
             assert not naming.owns(other), other
     assert not STORE_GENERATIONS.owns(CHECKPOINT_GENERATIONS.new())
     assert STORE_GENERATIONS.owns("data-20261126T202100-4ef4b58d")  # the golden stores' name
+    # A checkpoint manifest may name 8-32 hex digits; only the writer's 12 are ever collected.
+    for name in ("data-0123abcd", "data-" + "f" * 32):
+        assert CHECKPOINT_GENERATIONS.readable(name) and not CHECKPOINT_GENERATIONS.owns(name)
+    for name in ("data-0123abc", "data-" + "f" * 33, "data-raw", "spare-0123456789ab"):
+        assert not CHECKPOINT_GENERATIONS.readable(name), name
+    assert not STORE_GENERATIONS.readable("data-0123abcd")

@@ -43,7 +43,6 @@ import logging
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from concurrent.futures import Future
@@ -54,7 +53,6 @@ import torch
 
 from hpstore.checkpoint.manifest import (
     GROUP_KEY,
-    MANIFEST_KEY,
     TREE_KEY,
     CheckpointManifest,
     array_doc,
@@ -72,7 +70,7 @@ from hpstore.checkpoint.plan import (
     step_prefix,
 )
 from hpstore.checkpoint.reader import (
-    SPARE_PREFIX,
+    SPARES,
     checkpoint_steps,
     read_checkpoint,
     read_manifest,
@@ -93,11 +91,13 @@ from hpstore.checkpoint.staging import Slots, Snapshot, StagingBuffer
 from hpstore.checkpoint.tree import FlatState, Leaf, Path, flatten
 from hpstore.checkpoint.writer import (
     discard_generation,
+    discard_step,
     prune_generations,
     write_checkpoint,
     write_objects,
 )
 from hpstore.errors import CheckpointError, InputError
+from hpstore.format.commit import CHECKPOINT_GENERATIONS, MANIFEST_KEY, commit_manifest
 from hpstore.format.manifest import ObjectEntry
 from hpstore.storage.base import Storage
 from hpstore.storage.open import open_storage
@@ -311,7 +311,7 @@ class Checkpointer:
         manifest and tells every rank whether the checkpoint committed."""
         t0 = time.perf_counter()
         world = plan.world
-        fresh = f"data-{uuid.uuid4().hex[:12]}"
+        fresh = CHECKPOINT_GENERATIONS.new()
         gen = str(coord.broadcast(fresh)) if coord is not None else fresh
         st = self.storage.child(step_prefix(step))
         report: dict[str, Any]
@@ -384,7 +384,7 @@ class Checkpointer:
                 )
                 # What the reader will check, checked before anything is committed.
                 CheckpointManifest.from_json(manifest.to_json().encode(), where=where)
-                self.storage.child(step_prefix(step)).write(MANIFEST_KEY, manifest.to_json().encode())
+                commit_manifest(self.storage.child(step_prefix(step)), manifest.to_json().encode())
                 return {"ok": True}
             except Exception as exc:
                 errors = [f"rank 0: committing: {type(exc).__name__}: {exc}"]
@@ -442,13 +442,13 @@ class Checkpointer:
             gen = self._generation(step) if recycle else None
             self.storage.delete_prefix(f"{prefix}/{MANIFEST_KEY}")  # uncommit first, then remove
             if gen is not None:
-                spare = f"{SPARE_PREFIX}{uuid.uuid4().hex[:12]}"
+                spare = SPARES.new()
                 if self.storage.move_prefix(f"{prefix}/{gen}", spare):
                     self._spare = spare
-            self.storage.delete_prefix(prefix)
+            discard_step(self.storage, step)
         for step in found.incomplete:
             if step < current:  # an interrupted save: nothing will ever reference it
-                self.storage.delete_prefix(step_prefix(step))
+                discard_step(self.storage, step)
         for spare in found.spares:
             if spare != self._spare:  # left by a process that ended without close()
                 self.storage.delete_prefix(spare)

@@ -25,21 +25,19 @@ from hpstore.checkpoint.plan import (
     is_contiguous_chunking,
 )
 from hpstore.checkpoint.tree import TORCH_DTYPES
-from hpstore.errors import CheckpointError, InputError
+from hpstore.errors import CheckpointError
+from hpstore.format.commit import CHECKPOINT_GENERATIONS, safe_key
 from hpstore.format.manifest import ObjectEntry
-from hpstore.storage.base import check_key
 
 FORMAT_NAME = "hpstore-checkpoint"
 FORMAT_VERSION = 1
 SHARDED_VERSION = 2
 """Written by distributed (and ``PerRank``) saves: adds ``ranks``, array ``group`` and
 ``shard_rows``. Readers of version 1 refuse it instead of misreading it."""
-MANIFEST_KEY = "manifest.json"
 TREE_KEY = "tree.json"
 GROUP_KEY = "zarr.json"
 
 _HEX8 = re.compile(r"^[0-9a-f]{8}$")
-_GEN = re.compile(r"^data-[0-9a-f]{8,32}$")
 _RANK_GROUP = re.compile(r"^rank-\d{5,}$")
 
 
@@ -150,9 +148,11 @@ def _from_doc(doc: Any, where: str) -> CheckpointManifest:
         raise CheckpointError(f"{where}: a version-2 checkpoint needs ranks >= 1")
     step = _int(doc["step"], "step", where)
     gen = doc["generation"]
-    if not isinstance(gen, str) or not _GEN.match(gen):
+    if not isinstance(gen, str) or not CHECKPOINT_GENERATIONS.readable(gen):
         raise CheckpointError(f"{where}: bad generation {gen!r}")
-    objects = {_safe(k, where): _entry(v, k, where) for k, v in dict(doc["objects"]).items()}
+    objects = {
+        safe_key(k, where, CheckpointError): _entry(v, k, where) for k, v in dict(doc["objects"]).items()
+    }
     arrays = tuple(_array(i, a, where) for i, a in enumerate(doc["arrays"]))
     if len({a.prefix for a in arrays}) != len(arrays):
         raise CheckpointError(f"{where}: two arrays share one key")
@@ -181,7 +181,7 @@ def _array(index: int, d: dict[str, Any], where: str) -> ArraySpec:
     name, key, kind, dtype = (str(d[f]) for f in ("name", "key", "kind", "dtype"))
     if "/" in key:
         raise CheckpointError(f"{where}: array key {key!r} has a '/'")
-    _safe(key, where)
+    safe_key(key, where, CheckpointError)
     if kind == "tensor" and dtype in TORCH_DTYPES:
         itemsize = TORCH_DTYPES[dtype].itemsize
     elif kind == "ndarray" and dtype in ZARR_CORE_DTYPES:
@@ -219,13 +219,6 @@ def _int(x: Any, what: str, where: str) -> int:
     return x
 
 
-def _safe(key: str, where: str) -> str:
-    try:
-        return check_key(key)
-    except InputError as exc:
-        raise CheckpointError(f"{where}: {exc}") from None
-
-
 def array_json(a: ArraySpec) -> bytes:
     """The ``zarr.json`` of one saved array: unsharded, ``bytes`` codec, no compression."""
     zdt = a.zarr_dtype
@@ -260,3 +253,8 @@ def group_json(step: int) -> bytes:
     rewriting the prefix's copy on a second save of the same step changes no byte)."""
     attrs = {"hpstore": {"format": FORMAT_NAME, "version": FORMAT_VERSION, "step": step}}
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}).encode()
+
+
+def parse_manifest(text: bytes, where: str) -> CheckpointManifest:
+    """``CheckpointManifest.from_json`` as the ``parse`` function of ``hpstore.format.commit``."""
+    return CheckpointManifest.from_json(text, where=where)

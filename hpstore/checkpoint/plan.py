@@ -29,6 +29,7 @@ import torch
 
 from hpstore.checkpoint.tree import Leaf, Path, path_str
 from hpstore.errors import CheckpointError
+from hpstore.format.dtypes import ZARR_CORE_DTYPES
 from hpstore.storage import direct_io
 
 ALIGN = 64
@@ -43,11 +44,6 @@ STEP_RE = re.compile(r"^step-(\d{9,})$")
 BITS_DTYPES = {1: "uint8", 2: "uint16", 4: "uint32", 8: "uint64"}
 """Zarr v3 has no core type for bfloat16 or float8: such tensors are stored as their raw bits in the
 unsigned integer of the same width, with the torch dtype in the array's attributes."""
-
-ZARR_CORE_DTYPES = frozenset(
-    {"bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"}
-    | {"float16", "float32", "float64", "complex64", "complex128"}
-)
 
 
 def step_prefix(step: int) -> str:

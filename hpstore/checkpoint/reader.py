@@ -20,23 +20,28 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpstore.checkpoint.manifest import GROUP_KEY, MANIFEST_KEY, CheckpointManifest, rank_group
+from hpstore.checkpoint.manifest import GROUP_KEY, CheckpointManifest, parse_manifest, rank_group
 from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, parse_step, step_prefix
 from hpstore.checkpoint.sharded import Want
 from hpstore.checkpoint.tree import TORCH_DTYPES, Leaf, unflatten
 from hpstore.checksum import crc32c_hex
-from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError
+from hpstore.errors import CheckpointError, HpstoreError, ObjectNotFoundError, StoreNotFoundError
+from hpstore.format import commit
+from hpstore.format.commit import MANIFEST_KEY, GenerationNaming
 from hpstore.storage.base import Storage
 from hpstore.threads import run_parallel
 
-SPARE_PREFIX = "spare-"
-"""Root-level prefix of a retired checkpoint's files kept for the next save to rewrite in place."""
+SPARES = GenerationNaming(prefix="spare", stamped=False, hex_digits=12)
+"""Root-level names of a retired checkpoint's files kept for the next save to rewrite in place
+(``spare-<12 hex>``); only names of exactly this form are ever removed as spares."""
+SPARE_PREFIX = f"{SPARES.prefix}-"
 
 
 @dataclass(frozen=True)
 class RootScan:
     """What one listing of a checkpoint root holds. Committed = has a manifest; incomplete =
-    objects but no manifest (an interrupted save); spares = retired data kept for reuse."""
+    objects but no manifest (an interrupted save, or only what is not ours); spares = retired
+    data kept for reuse."""
 
     committed: list[int]
     incomplete: list[int]
@@ -49,7 +54,7 @@ def scan_root(storage: Storage) -> RootScan:
     spares: set[str] = set()
     for key in storage.list():
         head, _, rest = key.partition("/")
-        if head.startswith(SPARE_PREFIX):
+        if SPARES.owns(head):
             spares.add(head)
         step = parse_step(head)
         if step is None:
@@ -67,15 +72,18 @@ def checkpoint_steps(storage: Storage) -> tuple[list[int], list[int]]:
 
 
 def read_manifest(storage: Storage, step: int) -> CheckpointManifest:
+    """The committed manifest of ``step`` (``hpstore.format.commit.read_manifest`` under its
+    prefix), which must say that step; every failure is a ``CheckpointError``."""
     st = storage.child(step_prefix(step))
     where = f"{st.url}/{MANIFEST_KEY}"
     try:
-        text = st.read(MANIFEST_KEY)
+        manifest = commit.read_manifest(st, parse_manifest)
+    except StoreNotFoundError:
+        raise CheckpointError(f"{st.url}: no committed checkpoint for step {step}") from None
     except HpstoreError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise CheckpointError(f"{st.url}: no committed checkpoint for step {step}") from None
+        if isinstance(exc, CheckpointError):
+            raise
         raise CheckpointError(f"{where}: cannot read: {exc}") from None
-    manifest = CheckpointManifest.from_json(text, where=where)
     if manifest.step != step:
         raise CheckpointError(f"{where}: manifest says step {manifest.step}, its prefix step {step}")
     return manifest

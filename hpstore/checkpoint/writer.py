@@ -9,14 +9,12 @@ leaves only unreferenced objects, which a later save of the same step or retenti
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 
 import numpy as np
 
 from hpstore.checkpoint.manifest import (
     GROUP_KEY,
-    MANIFEST_KEY,
     TREE_KEY,
     CheckpointManifest,
     array_json,
@@ -25,6 +23,7 @@ from hpstore.checkpoint.manifest import (
 from hpstore.checkpoint.plan import ArraySpec, ChunkSpec, step_prefix
 from hpstore.checkpoint.staging import Snapshot
 from hpstore.checksum import crc32c_hex
+from hpstore.format.commit import CHECKPOINT_GENERATIONS, MANIFEST_KEY, collect_garbage, commit_manifest
 from hpstore.format.manifest import ObjectEntry
 from hpstore.storage import direct_io
 from hpstore.storage.base import Storage
@@ -57,7 +56,7 @@ def write_checkpoint(
     cost ~0.45 ms of kernel time, and a 100 MB, 192-tensor state needs ~770 of them.
     """
     snap.ready()
-    gen = f"data-{uuid.uuid4().hex[:12]}"
+    gen = CHECKPOINT_GENERATIONS.new()
     st = storage.child(step_prefix(step))
     recycled = spare is not None and storage.move_prefix(spare, f"{step_prefix(step)}/{gen}")
     jobs: list[tuple[str, Payload]] = [
@@ -108,7 +107,7 @@ def write_checkpoint(
         raise
     manifest = CheckpointManifest(step=step, generation=gen, arrays=tuple(specs), objects=objects)
     # No clean-up if this fails: on an object store a failed request may still have landed.
-    st.write(MANIFEST_KEY, manifest.to_json().encode())
+    commit_manifest(st, manifest.to_json().encode())
     return manifest
 
 
@@ -130,21 +129,35 @@ def _remove_leftovers(st: Storage, gen: str, objects: dict[str, ObjectEntry], ar
 
 def _discard(storage: Storage, step: int, gen: str) -> None:
     """Best effort: free the space of a save that failed (it matters most on a full disk): its
-    generation, or the whole prefix when the step has no committed checkpoint."""
+    generation, and when the step has no committed checkpoint, what saves of it wrote beside it."""
     prefix = step_prefix(step)
     try:
         committed = storage.exists(f"{prefix}/{MANIFEST_KEY}")
-        storage.delete_prefix(f"{prefix}/{gen}" if committed else prefix)
+        storage.delete_prefix(f"{prefix}/{gen}")
+        if not committed:
+            discard_step(storage, step)
     except Exception as exc:  # the original error is the one to report
         log.warning("%s/%s: could not remove the objects of a failed save: %s", storage.url, prefix, exc)
 
 
-def prune_generations(storage: Storage, step: int, keep: str) -> None:
-    """Delete what earlier or interrupted saves of ``step`` left beside generation ``keep``."""
-    st = storage.child(step_prefix(step))
-    stale = {k.split("/", 1)[0] for k in st.list() if "/" in k} - {keep}
-    for name in sorted(stale):
-        st.delete_prefix(name)
+def prune_generations(storage: Storage, step: int, keep: str) -> list[str]:
+    """Delete what earlier or interrupted saves of ``step`` left beside generation ``keep``: only
+    generations named as this writer names them (``hpstore.format.commit.collect_garbage``), never
+    anything else under the step's prefix. Returns what went."""
+    return collect_garbage(storage.child(step_prefix(step)), CHECKPOINT_GENERATIONS, keep={keep})
+
+
+def discard_step(storage: Storage, step: int) -> None:
+    """Delete what saves of an uncommitted ``step`` wrote (the caller deletes a committed one's
+    manifest first): its generations, its group metadata, the scratch of a killed manifest write.
+    Anything else under the prefix is not ours and stays (the step then lists as incomplete);
+    a prefix left empty is removed too (directories of the local backend)."""
+    prefix = step_prefix(step)
+    st = storage.child(prefix)
+    collect_garbage(st, CHECKPOINT_GENERATIONS, keep=())
+    st.delete_prefix(GROUP_KEY)
+    if not st.list():
+        storage.delete_prefix(prefix)
 
 
 def _size(payload: Payload) -> int:

@@ -45,6 +45,8 @@ from typing import Any, TypeVar
 from hpstore.errors import (
     ForeignDataError,
     HpstoreError,
+    InputError,
+    ManifestError,
     ObjectNotFoundError,
     StoreExistsError,
     StoreLockedError,
@@ -67,38 +69,62 @@ Parse = Callable[[bytes, str], M]
 class GenerationNaming:
     """How one kind of writer names its generations, as a strict pattern.
 
-    ``stamped``: ``data-<UTC YYYYmmddTHHMMSS>-<hex>`` (datasets: sorts by age, readable in a
-    listing); otherwise ``data-<hex>`` (checkpoints). ``hex_digits`` random hex digits follow.
+    ``stamped``: ``<prefix>-<UTC YYYYmmddTHHMMSS>-<hex>`` (datasets: sorts by age, readable in a
+    listing); otherwise ``<prefix>-<hex>`` (checkpoints). ``hex_digits`` random hex digits follow.
+    ``readable_hex``: the range of hex digits a *manifest* may name (``readable``), wider than what
+    this writer produces so that manifests of earlier writers still load; ownership (``owns``,
+    hence garbage collection) stays the exact pattern.
     """
 
+    prefix: str = "data"
     stamped: bool = True
     hex_digits: int = 8
+    readable_hex: tuple[int, int] | None = None
 
     @property
     def pattern(self) -> re.Pattern[str]:
+        return self._pattern(str(self.hex_digits))
+
+    def _pattern(self, digits: str) -> re.Pattern[str]:
         stamp = r"\d{8}T\d{6}-" if self.stamped else ""
-        return re.compile(rf"^data-{stamp}[0-9a-f]{{{self.hex_digits}}}$")
+        return re.compile(rf"^{re.escape(self.prefix)}-{stamp}[0-9a-f]{{{digits}}}$")
 
     def new(self) -> str:
         rand = uuid.uuid4().hex[: self.hex_digits]
         if not self.stamped:
-            return f"data-{rand}"
-        return f"data-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%dT%H%M%S')}-{rand}"
+            return f"{self.prefix}-{rand}"
+        return f"{self.prefix}-{_dt.datetime.now(_dt.UTC).strftime('%Y%m%dT%H%M%S')}-{rand}"
 
     def owns(self, name: str) -> bool:
         """True only for a name this naming produces (never a prefix match: ``data-raw`` is not ours)."""
         return self.pattern.fullmatch(name) is not None
 
+    def readable(self, name: str) -> bool:
+        """A name a manifest may reference as its generation: ours, or one of ``readable_hex``."""
+        if self.owns(name):
+            return True
+        if self.readable_hex is None:
+            return False
+        lo, hi = self.readable_hex
+        return self._pattern(f"{lo},{hi}").fullmatch(name) is not None
+
 
 STORE_GENERATIONS = GenerationNaming(stamped=True, hex_digits=8)
 """Dataset stores (``hpstore.format.writer``)."""
-CHECKPOINT_GENERATIONS = GenerationNaming(stamped=False, hex_digits=12)
-"""Checkpoints: ``data-<12 hex>`` under each ``step-<n>/`` (``hpstore.checkpoint.writer``)."""
+CHECKPOINT_GENERATIONS = GenerationNaming(stamped=False, hex_digits=12, readable_hex=(8, 32))
+"""Checkpoints: ``data-<12 hex>`` under each ``step-<n>/`` (``hpstore.checkpoint.writer``). A
+manifest may name 8 to 32 hex digits (what checkpoint manifests have always been validated
+against); only the 12 the writer produces are ever collected as garbage."""
 
 
-def safe_key(key: str) -> str:
-    """``key`` if it stays inside the root (relative, no ``..``/empty segments); else ``InputError``."""
-    return check_key(key)
+def safe_key(key: str, where: str, error: type[HpstoreError] = ManifestError) -> str:
+    """``key`` if it stays inside the root (relative, no ``..``/empty segments); else ``error``
+    (the format's own manifest error) naming ``where``: a manifest's keys are checked with this
+    before anything is read or deleted by them."""
+    try:
+        return check_key(key)
+    except InputError as exc:
+        raise error(f"{where}: {exc}") from None
 
 
 def read_manifest(storage: Storage, parse: Parse[M], *, key: str = MANIFEST_KEY) -> M:

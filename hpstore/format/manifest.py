@@ -27,7 +27,7 @@ from typing import Any, Literal
 from hpstore.errors import ManifestError
 from hpstore.format import commit
 from hpstore.format.commit import MANIFEST_KEY
-from hpstore.storage.base import Storage, check_key
+from hpstore.storage.base import Storage
 
 FORMAT_NAME = "hpstore"
 FORMAT_VERSION = 2
@@ -235,16 +235,16 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
             f"{where}: unsupported format version {version!r} (this hpstore reads versions "
             f"{', '.join(map(str, READ_VERSIONS))})"
         )
-    generation = check_key(str(doc["generation"]))
+    generation = commit.safe_key(str(doc["generation"]), where)
     objects = {}
     for key, o in doc["objects"].items():
-        _safe(key, where)
+        commit.safe_key(key, where)
         objects[key] = ObjectEntry(size=int(o["size"]), crc32c=str(o["crc32c"]))
     splits = {}
     for sname, s in doc["splits"].items():
         fields_ = {}
         for fname, f in s["fields"].items():
-            _safe(f["path"], where)
+            commit.safe_key(f["path"], where)
             if f["kind"] == "array":
                 fields_[fname] = FieldSpec(
                     name=fname,
@@ -257,7 +257,7 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
                     nbytes=_optional_int(f.get("nbytes")),
                     segments=tuple(
                         Segment(
-                            path=_safe(g["path"], where),
+                            path=commit.safe_key(g["path"], where),
                             first_shard=int(g["shards"][0]),
                             stop_shard=int(g["shards"][1]),
                         )
@@ -267,7 +267,7 @@ def _manifest_from_dict(doc: Any, where: str) -> Manifest:
             elif f["kind"] == "variable":
                 parts = tuple(
                     ArrowPart(
-                        key=_safe(p["key"], where),
+                        key=commit.safe_key(p["key"], where),
                         batches=tuple((int(o), int(n), str(c)) for o, n, c in p["batches"]),
                     )
                     for p in f["parts"]
@@ -350,13 +350,6 @@ def list_objects(storage: Storage, manifest: Manifest) -> dict[str, int]:
 
 def _optional_int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-def _safe(key: str, where: str) -> str:
-    try:
-        return check_key(key)
-    except ValueError as exc:
-        raise ManifestError(f"{where}: {exc}") from None
 
 
 def parse_manifest(text: bytes, where: str) -> Manifest:

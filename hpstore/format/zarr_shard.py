@@ -23,34 +23,17 @@ import numpy as np
 
 from hpstore.checksum import crc32c
 from hpstore.errors import CorruptObjectError, InputError
+from hpstore.format.dtypes import ZARR_CORE_DTYPES
 from hpstore.format.manifest import Codec
 
 numcodecs.blosc.use_threads = False  # parallelism comes from running several decodes at once
 
 EMPTY = np.uint64(2**64 - 1)
-SUPPORTED_DTYPES = frozenset(
-    [
-        "bool",
-        "int8",
-        "int16",
-        "int32",
-        "int64",
-        "uint8",
-        "uint16",
-        "uint32",
-        "uint64",
-        "float16",
-        "float32",
-        "float64",
-        "complex64",
-        "complex128",
-    ]
-)
 
 
 def check_dtype(dtype: np.dtype[Any], where: str) -> str:
     name = np.dtype(dtype).name
-    if name not in SUPPORTED_DTYPES:
+    if name not in ZARR_CORE_DTYPES:
         raise InputError(f"{where}: unsupported dtype {name} for a fixed-shape field")
     return name
 
