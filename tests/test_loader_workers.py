@@ -176,3 +176,18 @@ def test_bad_worker_options_fail_clearly(ds: hpstore.Dataset) -> None:
         Loader(ds, 8, workers="fibers")
     with pytest.raises(InputError, match="needs num_workers >= 1"):
         Loader(ds, 8, workers="processes")
+
+
+def test_auto_picks_processes_only_where_they_run(ds: hpstore.Dataset) -> None:
+    # Processes build plain windows; a transform (or a token-window view) needs the threads.
+    from hpstore.images import Decode
+
+    assert Loader(ds, 8, workers="auto").worker_kind == "threads"  # no workers: the consumer's thread
+    loader = Loader(ds, 8, num_workers=1, workers="auto")
+    assert loader.worker_kind == "processes"
+    loader.close()
+    decoded = Loader(ds, 8, num_workers=1, workers="auto", fields=["blob"], transforms={"blob": Decode()})
+    assert decoded.worker_kind == "threads"
+    decoded.close()
+    with pytest.raises(InputError, match="does not run per-field transforms"):
+        Loader(ds, 8, num_workers=1, workers="processes", fields=["blob"], transforms={"blob": Decode()})

@@ -250,10 +250,13 @@ class Loader:
         # frees its cache at once instead of at the next full garbage collection (until then
         # each new loader faulted in fresh memory: 1.0-1.3 M vs 1.6-1.9 M samples/s on 28x28).
         self.cache = ChunkCache(o.cache_bytes, self.fetcher, policy=policy)
-        self.worker_kind = resolve_workers(o.workers, o.num_workers)
+        plain = self.view is None and not self.transforms
+        self.worker_kind = resolve_workers(o.workers, o.num_workers, plain=plain)
         self._pool: WorkerPool | None = None
         if self.worker_kind == "processes" and self.view is not None:
             raise InputError("workers='processes' reads plain splits; use threads for a window view")
+        if self.worker_kind == "processes" and self.transforms:
+            raise InputError("workers='processes' does not run per-field transforms; use threads")
         if self.worker_kind == "processes":
             self._pool = self._start_pool()  # spawning now: ready by the time batches are asked for
         self._epoch = 0
@@ -459,13 +462,16 @@ class Loader:
         return int(2 * rows * self._row_bytes)
 
 
-def resolve_workers(kind: str, num_workers: int) -> str:
-    """``"threads"`` or ``"processes"`` for ``LoaderOptions.workers``. ``"auto"`` is threads: side by
-    side on 2 shared cores (``python -m benchmarks.consumer``, README) processes helped only a
-    GIL-holding consumer of 28×28 samples, and in one run of two; everywhere else their extra CPU
-    (two more interpreters, chunks at window edges read twice) made the consumer slower."""
+def resolve_workers(kind: str, num_workers: int, *, plain: bool = True) -> str:
+    """``"threads"`` or ``"processes"`` for ``LoaderOptions.workers``. ``"auto"`` picks processes
+    where they can run (``num_workers >= 1``, a plain split, no per-field transforms): on a quiet
+    2-core machine (``python -m benchmarks --only loader``, README) a consumer beside 2 worker
+    processes slowed down less than beside 2 threads in all four consumer cases (GIL-holding, 150 k
+    samples/s of 28×28: 1.22× vs 1.34×; 20 k/s of 3×64×64: 1.22× vs 1.56×; GIL-releasing: 1.19× vs
+    1.22×, 1.16× vs 1.34×). Under contention from other jobs the order flipped in most runs, and
+    processes cost a start-up and an interpreter each, which is why the default stays threads."""
     if kind == "auto":
-        return "threads"
+        return "processes" if num_workers >= 1 and plain else "threads"
     return kind
 
 
