@@ -21,7 +21,7 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -417,15 +417,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return ingest_tokens(args)
     bound_heap()
+    return run_command(argv, parse_args, ingest)
+
+
+def run_command(
+    argv: Sequence[str] | None,
+    parse: Callable[[Any], Any],
+    run: Callable[[Any], Any],
+) -> int:
+    """The frame every ingest command shares: parse, run, print the summary; one line and exit 2
+    for bad input or options, 1 for an I/O failure, 130 when interrupted. A local DST that this
+    run created and left empty is removed again."""
     try:
-        cfg = parse_args(argv)
+        cfg = parse(argv)
     except HpstoreError as exc:
         print(f"ingest: error: {_message(exc)}", file=sys.stderr)
         return 2
     local_dst = cfg.dst.removeprefix("file://") if is_local(cfg.dst) else None
     created = local_dst is not None and not os.path.exists(local_dst)
     try:
-        result = ingest(cfg)
+        result = run(cfg)
     except KeyboardInterrupt:
         print("ingest: interrupted; nothing was committed", file=sys.stderr)
         code = 130

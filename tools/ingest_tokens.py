@@ -38,12 +38,12 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from hpstore.errors import HpstoreError, InputError, StorageError
+from hpstore.errors import InputError
 from hpstore.format.manifest import Manifest
 from hpstore.format.writer import SplitWriter, StoreWriter
 from hpstore.memory import bound_heap
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
-from hpstore.storage.open import is_local, open_storage
+from hpstore.storage.open import open_storage
 from hpstore.tokens.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
 from hpstore.tokens.windows import DOCUMENTS_ATTR, OFFSETS_FIELD
 from tools.ingest import (
@@ -51,8 +51,7 @@ from tools.ingest import (
     DEFAULT_LAYOUT,
     IngestConfig,
     _check_destination,
-    _message,
-    _remove_empty_dirs,
+    run_command,
 )
 from tools.sources.base import check_field_name
 from tools.sources.prefetch import prefetched
@@ -333,24 +332,4 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
 
 def main(argv: Sequence[str]) -> int:
     bound_heap()
-    try:
-        cfg = parse_args(argv)
-    except HpstoreError as exc:
-        print(f"ingest: error: {_message(exc)}", file=sys.stderr)
-        return 2
-    local_dst = cfg.dst.removeprefix("file://") if is_local(cfg.dst) else None
-    created = local_dst is not None and not os.path.exists(local_dst)
-    try:
-        result = ingest_tokens(cfg)
-    except KeyboardInterrupt:
-        print("ingest: interrupted; nothing was committed", file=sys.stderr)
-        code = 130
-    except (HpstoreError, OSError) as exc:
-        print(f"ingest: error: {_message(exc)}", file=sys.stderr)
-        code = 1 if isinstance(exc, StorageError) or not isinstance(exc, HpstoreError) else 2
-    else:
-        print(result.summary(cfg.dst))
-        return 0
-    if created and local_dst is not None:
-        _remove_empty_dirs(local_dst)
-    return code
+    return run_command(argv, parse_args, ingest_tokens)
