@@ -16,9 +16,9 @@ import torch
 import zarr
 
 import hpstore
+from hpstore.checkpoint import staging
 from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointLayout
 from hpstore.checkpoint.plan import step_prefix
-from hpstore.checkpoint import staging
 from hpstore.checkpoint.reader import SPARE_PREFIX, read_manifest
 from hpstore.checksum import crc32c_hex
 from hpstore.errors import CheckpointError, InputError, ObjectNotFoundError, StorageError
