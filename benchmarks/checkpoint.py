@@ -7,6 +7,10 @@ model's and an Adam optimizer's ``state_dict()``, on the CPU and, where there is
   synchronous ``torch.save`` of the same state to the same directory, timed through ``fsync`` (the
   same durability a committed checkpoint has) and, as a second baseline, without it. Target: ≤ 10%
   of ``torch.save``.
+- **stall vs copy limit**: the same stall vs the machine's copy limit for those bytes: every
+  tensor copied into a preallocated buffer by ``os.cpu_count()`` threads, each taking equal slices
+  (best of a few, measured between the saves). Target: ≤ 1.3×. A third state of two large tensors
+  (2 × 200 MB float32; ``--quick``: 2 × 20 MB) shows the case where one tensor holds most bytes.
 - **persist**: state bytes / background seconds (writes, sync, commit), in the steady state of a
   training run (after ``keep + 1`` saves every save rewrites a retired checkpoint's files; the
   first save's figure is in ``extra``), vs the
@@ -21,11 +25,13 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.cache import drop_page_cache
@@ -42,10 +48,63 @@ class Case:
     label: str
     nbytes: int
     device: str = "cpu"
+    large: int = 0  # > 0: a state of this many equal float32 tensors instead of a model's
 
 
-QUICK = (Case(label="64 MB", nbytes=64 << 20),)
-FULL = (Case(label="100 MB", nbytes=100 * 10**6), Case(label="1 GB", nbytes=10**9))
+QUICK = (Case(label="64 MB", nbytes=64 << 20), Case(label="2 × 20 MB", nbytes=40 * 10**6, large=2))
+FULL = (
+    Case(label="100 MB", nbytes=100 * 10**6),
+    Case(label="1 GB", nbytes=10**9),
+    Case(label="2 × 200 MB", nbytes=400 * 10**6, large=2),
+)
+
+
+def large_state(nbytes: int, count: int, device: str = "cpu") -> dict[str, Any]:
+    """``count`` float32 tensors of ``nbytes / count`` each (an embedding table and its Adam moment)."""
+    g = torch.Generator(device).manual_seed(0)
+    return {f"big.{i}": torch.randn(nbytes // count // 4, generator=g, device=device) for i in range(count)}
+
+
+def tensors(state: Any) -> list[torch.Tensor]:
+    if isinstance(state, torch.Tensor):
+        return [state]
+    if isinstance(state, dict):
+        return [t for v in state.values() for t in tensors(v)]
+    if isinstance(state, list | tuple):
+        return [t for v in state for t in tensors(v)]
+    return []
+
+
+def copy_limit(state: Any, buffer: torch.Tensor, *, threads: int, rounds: int = 3) -> float:
+    """Seconds to copy every tensor of ``state`` into ``buffer`` (preallocated, warm) with
+    ``threads`` threads, each copying an equal byte slice of every tensor with ``np.copyto`` (which
+    releases the GIL and runs on one core: no intra-op thread team to wait for), best of
+    ``rounds``: the machine's all-core copy time for these bytes, with no per-save work at all."""
+    jobs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    host = buffer.numpy()
+    offset = 0
+    for t in tensors(state):
+        src = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        dst = host[offset : offset + src.nbytes]
+        offset += src.nbytes
+        step = -(-src.nbytes // threads)
+        for k, a in enumerate(range(0, src.nbytes, step)):
+            jobs[k].append((dst[a : a + step], src[a : a + step]))
+
+    def work(k: int) -> None:
+        for dst, src in jobs[k]:
+            np.copyto(dst, src)
+
+    best = float("inf")
+    for _ in range(rounds + 1):  # the first round faults the buffer's pages in
+        pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
+        t0 = time.perf_counter()
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def model_state(nbytes: int, layers: int = 24, width: int = 1024, device: str = "cpu") -> dict[str, Any]:
@@ -102,8 +161,14 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
     root = cfg.data_dir / BENCH / case.label.replace(" ", "")
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    state = model_state(case.nbytes, device=case.device)
+    state = (
+        large_state(case.nbytes, case.large, device=case.device)
+        if case.large
+        else model_state(case.nbytes, device=case.device)
+    )
     nbytes = state_bytes(state)
+    threads = os.cpu_count() or 1
+    copy_buffer = torch.empty(nbytes, dtype=torch.uint8) if case.device == "cpu" else None
     pt = root / "state.pt"
     ck = Checkpointer(str(root / "ckpt"), keep=2)
     try:
@@ -113,7 +178,7 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
             ck.save(step, state)
             ck.wait()
         first = ck.stats[0]
-        stall, persist, base_fsync, base_buffered, seq_write = [], [], [], [], []
+        stall, persist, base_fsync, base_buffered, seq_write, limit = [], [], [], [], [], []
         notes: set[str] = set()
         for r in range(cfg.repeats):
             progress(f"{case.label}: repeat {r + 1}/{cfg.repeats}: save, torch.save, sequential write")
@@ -124,6 +189,8 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
             assert s.persist_s is not None
             stall.append(s.stall_s)
             persist.append(nbytes / MB / s.persist_s)
+            if copy_buffer is not None:
+                limit.append(copy_limit(state, copy_buffer, threads=threads))
             os.sync()
             base_fsync.append(torch_save(state, pt, fsync=True))
             base_buffered.append(torch_save(state, pt, fsync=False))
@@ -147,6 +214,7 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
     finally:
         ck.close()
         shutil.rmtree(root, ignore_errors=True)
+        del copy_buffer
     extra = {
         "first_persist_mb_s": nbytes / MB / (first.persist_s or float("nan")),
         "bytes": nbytes,
@@ -155,7 +223,29 @@ def run_case(cfg: BenchConfig, case: Case, progress: Progress) -> list[Figure]:
         "chunk_bytes": ck.layout.chunk_bytes,
     }
     size = f"{case.label} state" + (f" on {case.device}" if case.device != "cpu" else "")
+    vs_limit = (
+        [
+            Figure(
+                bench=BENCH,
+                name=f"save stall vs copy limit, {size}",
+                unit="s",
+                values=stall,
+                higher_is_better=False,
+                baseline=f"all-core copy of the same bytes ({threads} threads)",
+                baseline_values=limit,
+                target="≤ 1.3× copy limit",
+                extra={
+                    **extra,
+                    "copy_limit_gb_s": nbytes / 1e9 / min(limit),
+                    "stall_gb_s": nbytes / 1e9 / statistics.median(stall),
+                },
+            )
+        ]
+        if limit
+        else []
+    )
     return [
+        *vs_limit,
         Figure(
             bench=BENCH, name=f"save stall, {size}", unit="s", values=stall, higher_is_better=False,
             baseline="torch.save + fsync", baseline_values=base_fsync, target="≤ 0.1× torch.save",

@@ -16,6 +16,7 @@ import torch
 import zarr
 
 import hpstore
+from hpstore.checkpoint import staging
 from hpstore.checkpoint.checkpointer import Checkpointer, CheckpointLayout
 from hpstore.checkpoint.plan import step_prefix
 from hpstore.checkpoint.reader import SPARE_PREFIX, read_manifest
@@ -479,3 +480,53 @@ def test_corrupt_zarr_metadata_is_detected_on_load(tmp_path: Path, which: str) -
         assert "array 'w'" in str(err.value)
     with pytest.warns(hpstore.checkpoint.CheckpointFallbackWarning, match="step 2"):
         assert ck2.load()["n"] == 1
+
+
+def test_snapshot_copies_big_tensors_in_slices_on_several_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small slices and no inline threshold, so a small state takes the sliced, threaded path.
+    monkeypatch.setattr(staging, "COPY_SLICE", 1000)
+    monkeypatch.setattr(staging, "COPY_INLINE", 0)
+    monkeypatch.setattr(staging.os, "cpu_count", lambda: 3)
+    g = torch.Generator().manual_seed(7)
+    state: dict[str, Any] = {
+        "big": torch.randn(10_001, generator=g),  # cut at every 1000 bytes and at the thread cuts
+        "bf16": torch.randn(3, 777, generator=g).to(torch.bfloat16),
+        "grad": torch.randn(500, generator=g, requires_grad=True),
+        "strided": torch.randn(64, 64, generator=g).t(),  # one converting copy
+        "conj": torch.randn(40, dtype=torch.complex64, generator=g).conj(),
+        "be": np.arange(3000, dtype=">i4"),  # byte-swapped into the slot
+        "np": np.arange(2500, dtype=np.float64),
+        "step": 3,
+    }
+    ck = Checkpointer(str(tmp_path), layout=SMALL)
+    ck.save(0, state)
+    expected = {
+        k: (v.detach().clone().resolve_conj() if isinstance(v, torch.Tensor) else v) for k, v in state.items()
+    }
+    expected["strided"] = expected["strided"].contiguous()
+    expected["be"] = state["be"].astype("<i4")
+    expected["np"] = state["np"].copy()
+    with torch.no_grad():  # write-behind: changes after save() returns are not in the checkpoint
+        state["big"].add_(1)
+        state["grad"].mul_(2)
+    state["np"] += 1
+    ck.wait()
+    tasks = ck._staging.stats.copy_tasks
+    assert tasks > 40 + len(state)  # the big tensor went in slices
+    assert_same(expected, ck.load(0))
+
+
+def test_split_cuts_the_byte_stream_into_equal_runs() -> None:
+    sizes = [10, 0, 3000, 7, 1]
+    srcs = [np.arange(n, dtype=np.uint8) for n in sizes]
+    dsts = [np.zeros(n, np.uint8) for n in sizes]
+    for workers in (1, 2, 3, 7):
+        for d in dsts:
+            d[:] = 0
+        parts = staging._split(list(zip(dsts, srcs, strict=True)), workers)
+        assert len(parts) == workers
+        staging._run(parts)
+        for d, s in zip(dsts, srcs, strict=True):
+            assert np.array_equal(d, s)

@@ -9,13 +9,23 @@ the writer) waits on an event recorded behind them on each device's current stre
 caller queues later on those streams (an optimizer step) is ordered after the copies, so the
 snapshot holds the values of the moment ``save`` was called.
 
+Host-side copies run on a few short-lived threads (up to ``os.cpu_count()``, at most
+``COPY_THREADS``), big tensors cut into ``COPY_SLICE``-byte slices, each slice a plain byte copy
+(``np.copyto`` releases the GIL and runs on one core). Why not one ``Tensor.copy_`` per tensor:
+torch's own intra-op parallelism opens a parallel region per copy, and when another process holds
+one of the cores every region waits a scheduler slice for its second thread — measured on the
+2-core machine, a 64 MB state of 192 tensors took 0.2–0.6 s instead of 12 ms. Byte slices on our own
+threads have no barrier per tensor and use every core on one large tensor.
+
 Hazard: the buffer is shared by consecutive snapshots, so a snapshot must be fully persisted
 before the next one is taken. The checkpointer guarantees it (at most one save in flight).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +33,10 @@ import torch
 
 from hpstore.checkpoint.tree import Leaf
 from hpstore.storage.direct_io import ALIGN
+
+COPY_THREADS = 8  # memory bandwidth is shared: more threads than this add nothing on big hosts
+COPY_SLICE = 1 << 20  # bytes per copy task: 1 MiB measured ahead of 8 MiB and whole tensors
+COPY_INLINE = 4 << 20  # below this many host bytes in all, threads cost more than they save
 
 
 @dataclass
@@ -53,6 +67,7 @@ class StagingStats:
     capacity: int = 0
     bytes_copied: int = 0
     device_bytes_copied: int = 0
+    copy_tasks: int = 0  # host copy tasks (slices) of all snapshots
 
 
 class StagingBuffer:
@@ -106,19 +121,37 @@ class StagingBuffer:
         if not self.holds(slots):
             raise ValueError("staging slots are stale: the buffer was reallocated")
         devices = set()
+        pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (slot bytes, source bytes)
+        others: list[Callable[[], None]] = []  # copies that convert: one task each
+        host_bytes = 0
         for leaf, dst, view in zip(leaves, slots.targets, slots.views, strict=True):
             if dst is None:
                 continue
+            self.stats.bytes_copied += view.nbytes
             if isinstance(dst, torch.Tensor):
                 assert isinstance(leaf, torch.Tensor)
-                on_gpu = leaf.device.type == "cuda"
-                dst.copy_(leaf.detach(), non_blocking=on_gpu)
-                if on_gpu:
+                if leaf.device.type == "cuda":  # queued now, on this thread's current stream
+                    dst.copy_(leaf.detach(), non_blocking=True)
                     devices.add(leaf.device)
                     self.stats.device_bytes_copied += view.nbytes
+                    continue
+                src = _tensor_bytes(leaf)
+                if src is None:  # strided, conjugate, ...: torch resolves it in one copy
+                    others.append(_torch_copy(dst, leaf))
             else:
-                np.copyto(dst, leaf, casting="equiv")
-            self.stats.bytes_copied += view.nbytes
+                assert isinstance(leaf, np.ndarray)
+                src = _array_bytes(leaf, dst)
+                if src is None:  # strided or byte-swapped: numpy converts it in one copy
+                    others.append(_numpy_copy(dst, leaf))
+            if src is not None:
+                pairs.append((view, src))
+            host_bytes += view.nbytes
+        workers = min(os.cpu_count() or 1, COPY_THREADS) if host_bytes >= COPY_INLINE else 1
+        parts = _split(pairs, workers)
+        for i, task in enumerate(others):
+            parts[i % workers].append(task)
+        self.stats.copy_tasks += sum(len(p) for p in parts)
+        _run(parts)
         events = []
         for device in devices:
             event = torch.cuda.Event()
@@ -130,3 +163,78 @@ class StagingBuffer:
         """Drop the buffer (freed once no ``Slots`` refer to it; the next ``slots()`` makes a new one)."""
         self._buf = None
         self.stats.capacity = 0
+
+
+def _tensor_bytes(t: torch.Tensor) -> np.ndarray | None:
+    """A host tensor's bytes as a flat uint8 array (no copy), or None when they are not one
+    contiguous run that holds exactly its values."""
+    t = t.detach()
+    if not t.is_contiguous() or t.is_conj() or t.is_neg() or t.layout != torch.strided:
+        return None
+    try:
+        return t.reshape(-1).view(torch.uint8).numpy()
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _array_bytes(a: np.ndarray, dst: np.ndarray) -> np.ndarray | None:
+    """An array's bytes as a flat uint8 array when they are ``dst``'s bytes already."""
+    if not a.flags.c_contiguous or a.dtype != dst.dtype:
+        return None
+    return a.reshape(-1).view(np.uint8)
+
+
+def _numpy_copy(dst: np.ndarray, src: np.ndarray) -> Callable[[], None]:
+    return lambda: np.copyto(dst, src, casting="equiv")
+
+
+def _torch_copy(dst: torch.Tensor, src: torch.Tensor) -> Callable[[], None]:
+    def copy() -> None:
+        dst.copy_(src.detach())
+
+    return copy
+
+
+def _split(pairs: Sequence[tuple[np.ndarray, np.ndarray]], workers: int) -> list[list[Callable[[], None]]]:
+    """Cut the byte stream of ``pairs`` into ``workers`` runs of equal bytes (slicing a tensor at
+    each cut), each run in slices of at most ``COPY_SLICE`` bytes. Contiguous runs, not a shared
+    queue: a worker takes no lock between its copies."""
+    total = sum(src.nbytes for _, src in pairs)
+    share = max(-(-total // workers), 1)
+    parts: list[list[Callable[[], None]]] = [[] for _ in range(workers)]
+    done = 0
+    for dst, src in pairs:
+        a = 0
+        while a < src.nbytes:
+            k = min(done // share, workers - 1)
+            b = (
+                min(src.nbytes, a + COPY_SLICE, a + (k + 1) * share - done)
+                if k < workers - 1
+                else min(src.nbytes, a + COPY_SLICE)
+            )
+            parts[k].append(_numpy_copy(dst[a:b], src[a:b]))
+            done += b - a
+            a = b
+    return parts
+
+
+def _run(parts: list[list[Callable[[], None]]]) -> None:
+    """Run each part's tasks in order, the first part on this thread and the others on one new
+    thread each; the first error is raised once every part has ended."""
+    errors: list[BaseException] = []
+
+    def work(tasks: list[Callable[[], None]]) -> None:
+        try:
+            for task in tasks:
+                task()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(p,), name="hpstore-staging") for p in parts[1:] if p]
+    for t in threads:
+        t.start()
+    work(parts[0])
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
