@@ -44,7 +44,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -219,14 +219,19 @@ class Checkpointer:
             bytes=sum(a.nbytes for a in specs),
             arrays=len(specs),
         )
+        self._write_behind(step, record, lambda index: self._persist(step, specs, snap, tree, index))
+
+    def _write_behind(self, step: int, record: SaveStats, persist: Callable[[int], None]) -> None:
+        """Record the save's stats and persist it on a background thread; ``wait()`` (or the next
+        save) re-raises what it raised. ``persist`` gets the index of the save's stats record."""
         with self._lock:
             self._stats.append(record)
             index = len(self._stats) - 1
         future: Future[None] = Future()
 
-        def persist() -> None:
+        def run() -> None:
             try:
-                self._persist(step, specs, snap, tree, index)
+                persist(index)
             except BaseException as exc:
                 future.set_exception(exc)
             else:
@@ -234,7 +239,7 @@ class Checkpointer:
 
         self._pending = future
         # Non-daemon: a script that returns right after save() still gets its checkpoint.
-        threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+        threading.Thread(target=run, name=f"hpstore-ckpt-{step}").start()
 
     # -- distributed saves ---------------------------------------------------------------------
 
@@ -282,21 +287,11 @@ class Checkpointer:
             step=step, wait_s=t1 - t0, snapshot_s=t2 - t1, stall_s=t2 - t0, bytes=plan.nbytes,
             arrays=len(plan.specs) + len(plan.rank_specs),
         )  # fmt: skip
-        with self._lock:
-            self._stats.append(record)
-            index = len(self._stats) - 1
-        future: Future[None] = Future()
-
-        def persist() -> None:
-            try:
-                self._persist_distributed(step, plan, snap, tree, rank_tree, coord, index)
-            except BaseException as exc:
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
-
-        self._pending = future
-        threading.Thread(target=persist, name=f"hpstore-ckpt-{step}").start()
+        self._write_behind(
+            step,
+            record,
+            lambda index: self._persist_distributed(step, plan, snap, tree, rank_tree, coord, index),
+        )
 
     @staticmethod
     def _source(spec: ArraySpec, leaves: list[Leaf], rank_leaves: list[Leaf]) -> Leaf:
