@@ -351,15 +351,7 @@ class Checkpointer:
             raise CheckpointError(f"{self.storage.url}: saving step {step} failed: {result['error']}")
         self._record(index, persist_s=t1 - t0, objects=len(report.get("objects", ())))
         if world.rank == 0:
-            try:
-                prune_generations(self.storage, step, gen)
-                self._retain(step)
-            except Exception as exc:
-                self._record(index, retention_s=time.perf_counter() - t1, failed=True)
-                raise CheckpointError(
-                    f"{self.storage.url}: step {step} is committed, but removing old checkpoints failed: {exc}"
-                ) from exc
-            self._record(index, retention_s=time.perf_counter() - t1)
+            self._after_commit(step, gen, index, t1)
 
     def _commit(self, step: int, gen: str, plan: RankPlan, reports: list[Any]) -> dict[str, Any]:
         """Rank 0: the manifest of every rank's objects, written last; or the failed save removed."""
@@ -410,8 +402,12 @@ class Checkpointer:
             raise self._write_error(step, exc) from exc
         t1 = time.perf_counter()
         self._record(index, persist_s=t1 - t0, objects=len(manifest.objects))
+        self._after_commit(step, manifest.generation, index, t1)
+
+    def _after_commit(self, step: int, gen: str, index: int, t1: float) -> None:
+        """Retention once ``step`` is committed: its other generations, then old steps."""
         try:
-            prune_generations(self.storage, step, manifest.generation)
+            prune_generations(self.storage, step, gen)
             self._retain(step)
         except Exception as exc:
             self._record(index, retention_s=time.perf_counter() - t1, failed=True)
