@@ -44,8 +44,8 @@ from hpstore.format.writer import SplitWriter, StoreWriter
 from hpstore.memory import bound_heap
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 from hpstore.storage.open import open_storage
+from hpstore.tokens.layout import DOCUMENTS_ATTR, OFFSETS_FIELD
 from hpstore.tokens.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
-from hpstore.tokens.windows import DOCUMENTS_ATTR, OFFSETS_FIELD
 from tools.ingest import (
     CODECS,
     DEFAULT_LAYOUT,

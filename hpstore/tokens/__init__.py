@@ -1,7 +1,11 @@
-"""Token streams: tokenizers and windows of a token field (see README.md)."""
+"""Token streams: tokenizers and windows of a token field (see README.md).
+
+The window view (``TokenWindows`` and friends) loads on first use: it needs torch, and the token
+ingest, which needs only the tokenizers, should not pay torch's import on every run."""
+
+from typing import Any
 
 from hpstore.tokens.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
-from hpstore.tokens.windows import LOSS_MASK, TokenWindows, pack_documents
 
 __all__ = [
     "LOSS_MASK",
@@ -12,3 +16,13 @@ __all__ = [
     "pack_documents",
     "token_dtype",
 ]
+
+_WINDOWS = ("LOSS_MASK", "TokenWindows", "pack_documents")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WINDOWS:
+        from hpstore.tokens import windows
+
+        return getattr(windows, name)
+    raise AttributeError(f"module 'hpstore.tokens' has no attribute {name!r}")

@@ -46,16 +46,13 @@ import torch
 from hpstore.errors import InputError
 from hpstore.format.manifest import SplitSpec
 from hpstore.loading.batch import WindowRows
+from hpstore.tokens.layout import DOCUMENTS_ATTR, OFFSETS_FIELD
 
 if TYPE_CHECKING:
     from hpstore.dataset import Dataset
     from hpstore.loading.batch import Take
     from hpstore.loading.plan import EpochPlan, Window
 
-DOCUMENTS_ATTR = "documents"
-"""Token field attribute naming the split that holds its document offsets."""
-OFFSETS_FIELD = "offsets"
-"""Field of that split: the first token of each document, then the number of tokens (int64)."""
 LOSS_MASK = "loss_mask"
 """Batch key of the target mask of document-respecting windows."""
 
