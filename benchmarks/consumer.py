@@ -11,7 +11,8 @@ For each, the same number of batches is consumed once from a fresh ``hpstore.Loa
 options, first epoch, warm page cache) and once from batches already in memory. Slowdown = loader
 wall time ÷ memory wall time; data wait = seconds blocked in ``next`` ÷ loader wall time.
 
-Threads against worker processes (``workers="processes"``), side by side with repeats interleaved,
+Threads against worker processes (``workers="processes"``), pinned off the consumer's CPU (the
+default ``worker_cpus="auto"``) and not pinned, side by side with repeats interleaved,
 for both consumers at the two target rates (``modes_figures``); the processes are started before
 the timed epoch (``loader.start()``), as a training run starts them once. Each figure notes the load
 average: on a shared machine the other tenants' load is part of the condition.
@@ -35,6 +36,12 @@ import hpstore
 from benchmarks.common import BenchConfig, Figure, Progress, main
 
 BATCH = 256
+MODES: dict[str, dict[str, Any]] = {
+    "threads": {"workers": "threads"},
+    "processes": {"workers": "processes"},  # pinned off the consumer's CPU (worker_cpus="auto")
+    "processes unpinned": {"workers": "processes", "worker_cpus": None},
+}
+"""Loader settings compared side by side (``modes_figures``)."""
 
 Work = Callable[[int], None]
 
@@ -89,7 +96,7 @@ def fed_vs_memory(
     step slowdown leaves the waits out (the consumer's own work made slower by sharing the CPU and
     the GIL with the loader)."""
     units = calibrate(work, BATCH / rate)
-    loader = hpstore.Loader(ds, BATCH, num_workers=workers, workers=mode)
+    loader = hpstore.Loader(ds, BATCH, num_workers=workers, **MODES[mode])
     loader.start()  # worker processes (if any) are ready before the clock starts
     n = max(8, min(len(loader), int(seconds * rate / BATCH)))
     fed, wait, done = consume(iter(loader), work, units, n)
@@ -192,7 +199,7 @@ def modes_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) ->
     for data, rate in ((small, 150_000), (big, 20_000)):
         ds = data.dataset()
         for kind, work in (("gil", spin), ("nogil", ufuncs)):
-            runs: dict[str, list[tuple[float, float, float]]] = {"threads": [], "processes": []}
+            runs: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in MODES}
             loads = []
             for r in range(cfg.repeats):
                 for mode, out in runs.items():
@@ -214,7 +221,9 @@ def modes_figures(cfg: BenchConfig, progress: Progress, small: Any, big: Any) ->
                             "load_average_1min": [round(x, 1) for x in loads],
                             "note": "fresh loader's first epoch (warm page cache; worker processes started "
                             "before the clock) vs the same batches from memory, same work per batch; "
-                            "threads and processes interleaved; 2 CPU cores shared with other tenants",
+                            "threads, processes pinned off the consumer's CPU (worker_cpus='auto', the "
+                            "default) and unpinned processes interleaved; the load average says what "
+                            "else ran",
                         },
                     )
                 )

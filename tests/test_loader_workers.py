@@ -191,3 +191,57 @@ def test_auto_picks_processes_only_where_they_run(ds: hpstore.Dataset) -> None:
     decoded.close()
     with pytest.raises(InputError, match="does not run per-field transforms"):
         Loader(ds, 8, num_workers=1, workers="processes", fields=["blob"], transforms={"blob": Decode()})
+
+
+def test_worker_cpu_plan_keeps_one_cpu_of_each_share_for_its_consumer() -> None:
+    from hpstore.loading.affinity import plan_worker_cpus
+
+    assert plan_worker_cpus([0, 1]) == (1,)
+    assert plan_worker_cpus([3, 1, 2, 0]) == (1, 2, 3)
+    assert plan_worker_cpus([0]) is None  # nothing to keep apart
+    # Two local ranks on 8 CPUs: each takes 4, keeps the first for its consumer.
+    assert plan_worker_cpus(range(8), 0, 2) == (1, 2, 3)
+    assert plan_worker_cpus(range(8), 1, 2) == (5, 6, 7)
+    assert plan_worker_cpus(range(4), 3, 4) is None  # one CPU per rank
+    with pytest.raises(InputError, match="local rank 2 is out of range"):
+        plan_worker_cpus(range(4), 2, 2)
+
+
+def _affinity(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_workers_run_on_the_cpus_they_are_given_and_the_consumer_keeps_its_own(
+    ds: hpstore.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = os.sched_getaffinity(0)
+    last = max(mine)
+    loader = Loader(ds, 64, num_workers=2, workers="processes", worker_cpus=[last])
+    loader.start()
+    assert loader._pool is not None
+    assert all(_affinity(p.pid or 0) == {last} for p in loader._pool.procs)
+    reference = Loader(ds, 64, num_workers=2)  # threads: the same batches wherever workers run
+    assert all(same(a, b) for a, b in zip(loader, reference, strict=True))
+    loader.close()
+    assert os.sched_getaffinity(0) == mine  # the consumer's own affinity is untouched
+    # "auto" under torchrun's variables: rank 0 of 1 keeps its first CPU for the consumer.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    auto = Loader(ds, 64, num_workers=1, workers="processes")
+    auto.start()
+    assert auto._pool is not None
+    assert _affinity(auto._pool.procs[0].pid or 0) == mine - {min(mine)}
+    auto.close()
+    unpinned = Loader(ds, 64, num_workers=1, workers="processes", worker_cpus=None)
+    unpinned.start()
+    assert unpinned._pool is not None
+    assert _affinity(unpinned._pool.procs[0].pid or 0) == mine
+    unpinned.close()
+
+
+def test_bad_worker_cpus_fail_clearly(ds: hpstore.Dataset) -> None:
+    with pytest.raises(InputError, match="worker_cpus must be 'auto', None or CPU numbers"):
+        Loader(ds, 8, num_workers=1, workers="processes", worker_cpus="all")
+    with pytest.raises(InputError, match="are not available to this process"):
+        Loader(ds, 8, num_workers=1, workers="processes", worker_cpus=[4096])

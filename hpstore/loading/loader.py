@@ -76,6 +76,7 @@ from hpstore.errors import InputError
 from hpstore.format.chunks import Chunk
 from hpstore.format.manifest import FieldSpec
 from hpstore.loading import batch as batching
+from hpstore.loading.affinity import resolve_worker_cpus
 from hpstore.loading.buffers import BufferPool
 from hpstore.loading.cache import ChunkCache, FurthestUsePolicy, Policy
 from hpstore.loading.disk_cache import ChunkDiskCache
@@ -282,6 +283,7 @@ class Loader:
             cache_disk_bytes=o.cache_disk_bytes,
             fetcher=ChunkFetcher,
             counters=LoaderStats,
+            cpus=resolve_worker_cpus(o.worker_cpus),
         )
         return WorkerPool(setup, slot_bytes(self.fields, self.spec.window_rows, o.with_index))
 

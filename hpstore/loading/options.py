@@ -55,6 +55,10 @@ class LoaderOptions:
     pin_memory: bool | None = None
     """Batches in pinned memory; ``None``: when CUDA is available."""
     io_threads: int = DEFAULT_IO_THREADS
+    worker_cpus: str | tuple[int, ...] | None = "auto"
+    """CPUs worker processes run on: ``"auto"`` keeps one CPU of this rank's share for the consumer
+    and pins the workers to the rest (``hpstore.loading.affinity``); ``None``: not pinned; or the
+    CPU numbers. Threads are never pinned."""
     cache_dir: str | None = None
     cache_disk_bytes: int = DEFAULT_CACHE_DISK_BYTES
 
@@ -77,6 +81,12 @@ class LoaderOptions:
             raise InputError(f"workers must be one of {', '.join(WORKER_KINDS)}, got {self.workers!r}")
         if self.workers == "processes" and self.num_workers < 1:
             raise InputError("workers='processes' needs num_workers >= 1")
+        if self.worker_cpus is not None and self.worker_cpus != "auto":
+            if isinstance(self.worker_cpus, str) or not self.worker_cpus:
+                raise InputError(f"worker_cpus must be 'auto', None or CPU numbers, got {self.worker_cpus!r}")
+            for cpu in self.worker_cpus:
+                _integer("worker_cpus entry", cpu, 0)
+            object.__setattr__(self, "worker_cpus", tuple(int(c) for c in self.worker_cpus))
         if self.first_window is not None:
             _integer("first_window", self.first_window, 1)
         if self.world_size is not None:

@@ -56,6 +56,7 @@ import torch
 from hpstore.errors import HpstoreError, InputError
 from hpstore.format.manifest import FieldSpec, Manifest
 from hpstore.loading import batch as batching
+from hpstore.loading.affinity import pin_this_process
 from hpstore.loading.plan import EpochPlan, History, PlanSpec, Window, assign
 from hpstore.loading.ring import Mapped, Ring, Slot, align
 from hpstore.storage.base import Storage
@@ -93,6 +94,8 @@ class WorkerSetup:
     import the loader that imports it."""
     counters: Callable[[], Any]
     """The loader's ``LoaderStats`` class."""
+    cpus: tuple[int, ...] | None = None
+    """CPUs the workers are pinned to (``hpstore.loading.affinity``); ``None``: not pinned."""
 
 
 def slot_bytes(fields: dict[str, FieldSpec], rows: int, with_index: bool) -> int:
@@ -348,6 +351,7 @@ def serve(conn: Connection, index: int, setup: WorkerSetup) -> None:
     """A worker process's loop: answer ``run`` / ``build`` / ``cancel`` / ``stop`` messages in order."""
     torch.set_num_threads(1)  # the consumer's cores are not ours to oversubscribe
     try:
+        pin_this_process(setup.cpus)  # before any thread starts: the io threads inherit it
         builder = _WorkerBuilder(index, setup)
     except BaseException as exc:
         conn.send(("failed", _pack(exc)))
