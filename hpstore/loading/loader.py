@@ -31,7 +31,9 @@ Semantics worth knowing:
   them into a ring of shared-memory slots; the consumer's interpreter only receives small messages
   and slices tensors (``hpstore.loading.workers``). Same batches, same ``state_dict``. Threads'
   heavy steps release the GIL (zstd, preads, numpy's scatter; only CRC32C holds it), but their
-  Python glue still competes with a consumer that holds the GIL; processes do not.
+  Python glue still competes with a consumer that holds the GIL; processes do not. Worker
+  processes are pinned off one CPU of the rank's share, which the consumer keeps to itself
+  (``worker_cpus``, ``hpstore.loading.affinity``).
   ``benchmarks/consumer.py`` measures both side by side; ``"auto"`` follows it
   (``resolve_workers``).
 - Pinned memory (``pin_memory``, default: when CUDA is available): window buffers come from torch's
