@@ -127,3 +127,13 @@ def dct_factor(box: Box, size: tuple[int, int], limit: int = 8) -> int:
     while d * 2 <= limit and d * 2 <= room:
         d *= 2
     return d
+
+
+def dct_factors(heights: np.ndarray, widths: np.ndarray, size: tuple[int, int], limit: int = 8) -> np.ndarray:
+    """``dct_factor`` of many crops (``heights``, ``widths``) at once, as int64."""
+    room = np.minimum(np.asarray(heights) / size[0], np.asarray(widths) / size[1])
+    d = np.ones(len(room), dtype=np.int64)
+    for f in (2, 4, 8):
+        if f <= limit:
+            d[room >= f] = f
+    return d

@@ -166,7 +166,7 @@ class ImageTransform:
         blocks = [(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS)]
 
         def run(block: tuple[int, int]) -> list[int]:
-            return self._block(block, row, u, out, size, indices, field)
+            return self._block(block, row, u, out, size, indices, field, values)
 
         pool = self._executor() if len(blocks) > 1 else None
         results = list(pool.map(run, blocks)) if pool is not None else [run(b) for b in blocks]
@@ -197,34 +197,21 @@ class ImageTransform:
         size: tuple[int, int],
         indices: np.ndarray,
         field: str,
+        values: pa.Array | np.ndarray,
     ) -> list[int]:
         t0 = time.thread_time()
         a, b = block
-        failed: dict[int, BaseException] = {}
-        datas: list[np.ndarray | None] = []
-        shapes = np.ones((b - a, 2), dtype=np.int64)
-        for j in range(b - a):  # headers first: the crop boxes of the block are drawn at once
-            data = row(a + j)
-            datas.append(data)
-            try:
-                if data is None:
-                    raise ValueError("the value is null")
-                shapes[j] = probe(data) if data.ndim == 1 else data.shape[:2]
-                self._check(int(shapes[j, 0]), int(shapes[j, 1]), size)
-            except (ValueError, OSError) as exc:
-                failed[j] = exc
-        crops = self.boxes(shapes[:, 0], shapes[:, 1], u[a:b], size).tolist()  # Python ints, once
-        dims = shapes.tolist()
-        reduced = pixels = 0
-        for j, data in enumerate(datas):
-            if j in failed or data is None:
-                continue
-            try:
-                r, p = self._one(data, dims[j], crops[j], out[a + j], size)
-                reduced += r
-                pixels += p
-            except (ValueError, OSError, cv2.error) as exc:
-                failed[j] = exc
+        if isinstance(values, np.ndarray):
+            # Small stored pixels: the block lands channels-last in ``dst`` (an output slice for
+            # "hwc", else scratch moved channels-first by one transposed copy for the whole block).
+            oh, ow = size
+            hwc = self.layout == "hwc"
+            dst = out[a:b] if hwc else np.empty((b - a, oh, ow, self.channels), np.uint8)
+            failed, reduced, pixels = self._raw(values[a:b], u[a:b], dst, size)
+            if not hwc:
+                np.copyto(out[a:b], dst.transpose(0, 3, 1, 2))
+        else:
+            failed, reduced, pixels = self._encoded(a, b, row, u, out, size)
         bad: list[int] = []
         for j in sorted(failed):
             if self.on_error == "raise":
@@ -239,71 +226,159 @@ class ImageTransform:
         )
         return bad
 
+    def _encoded(
+        self, a: int, b: int, row: Row, u: np.ndarray, out: np.ndarray, size: tuple[int, int]
+    ) -> tuple[dict[int, BaseException], int, int]:
+        """Decode, crop, resize and flip rows ``a:b`` of encoded images into ``out[a:b]``."""
+        failed: dict[int, BaseException] = {}
+        datas: list[np.ndarray | None] = []
+        shapes = np.ones((b - a, 2), dtype=np.int64)
+        jpeg = np.zeros(b - a, dtype=bool)
+        for j in range(b - a):  # headers first: the crop boxes of the block are drawn at once
+            data = row(a + j)
+            datas.append(data)
+            try:
+                if data is None:
+                    raise ValueError("the value is null")
+                jpeg[j] = is_jpeg(data)
+                shapes[j] = probe(data)
+                self._check(int(shapes[j, 0]), int(shapes[j, 1]), size)
+            except (ValueError, OSError) as exc:
+                failed[j] = exc
+        crops = self.boxes(shapes[:, 0], shapes[:, 1], u[a:b], size)
+        factors = boxes.dct_factors(crops[:, 2], crops[:, 3], size) if self.reduce else np.ones(b - a, np.int64)
+        factors[~jpeg] = 1
+        gray = self.mode == "L"
+        chw = self.layout == "chw"
+        # "chw": each sample is resized channels-last into one scratch image, then split into the
+        # slot's planes (cv2.split: 14 us for 224 px against 57 us for numpy's transposed copy).
+        scratch = np.empty((*size, self.channels), np.uint8) if chw else None
+        reduced = pixels = 0
+        for j, (data, (h, w), (top, left, ch, cw, flip), d) in enumerate(
+            zip(datas, shapes.tolist(), crops.tolist(), factors.tolist(), strict=True)
+        ):
+            if data is None or j in failed:
+                continue
+            try:
+                img = decode(data, gray=gray, factor=d, size=(h, w))
+                ih, iw = img.shape[0], img.shape[1]
+                if d == 1:
+                    y0, x0, y1, x1 = top, left, top + ch, left + cw
+                else:
+                    fy, fx = ih / h, iw / w
+                    y0, x0 = int(top * fy), int(left * fx)
+                    y1 = max(y0 + 1, min(ih, round((top + ch) * fy)))
+                    x1 = max(x0 + 1, min(iw, round((left + cw) * fx)))
+                slot = out[a + j]
+                hwc = slot if scratch is None else scratch
+                _resize_into(img[y0:y1, x0:x1], hwc)
+                if flip:
+                    _flip(hwc)
+                if scratch is not None:
+                    _planes(scratch, slot)
+                reduced += d > 1
+                pixels += ih * iw
+            except (ValueError, OSError, cv2.error) as exc:
+                failed[j] = exc
+        return failed, reduced, pixels
+
+    def _raw(
+        self, px: np.ndarray, u: np.ndarray, dst: np.ndarray, size: tuple[int, int]
+    ) -> tuple[dict[int, BaseException], int, int]:
+        """Crop, resize and flip a block of stored pixels ``(rows, H, W[, C])`` into ``dst``: every
+        sample shares one shape, so the boxes, the channel conversion and the flip are done for the
+        whole block at once and only the resize runs per sample."""
+        n, h, w = px.shape[0], px.shape[1], px.shape[2]
+        try:
+            self._check(h, w, size)
+            px = _as_channels(px, self.channels)
+        except ValueError as exc:
+            return dict.fromkeys(range(n), exc), 0, 0
+        crops = self.boxes(np.full(n, h), np.full(n, w), u, size)
+        whole = (crops[:, 0] == 0) & (crops[:, 1] == 0) & (crops[:, 2] == h) & (crops[:, 3] == w)
+        if (h, w) == size and whole.all():  # nothing to resize (Decode, or a crop of the full size)
+            np.copyto(dst, px)
+        else:
+            for j, (top, left, ch, cw, _) in enumerate(crops.tolist()):
+                _resize_into(px[j, top : top + ch, left : left + cw], dst[j])
+        _flip_rows(dst, crops[:, 4].astype(bool))
+        return {}, 0, 0
+
     def _check(self, height: int, width: int, size: tuple[int, int]) -> None:
         """Refuse an image this transform cannot use (``ValueError``)."""
 
-    def _one(
-        self, data: np.ndarray, shape: list[int], crop: list[int], slot: np.ndarray, size: tuple[int, int]
-    ) -> tuple[int, int]:
-        """Decode, crop, resize and flip one sample into ``slot``; ``(reduced, decoded pixels)``.
-        ``crop`` is ``(top, left, height, width, flip)`` in full-size pixels."""
-        h, w = shape
-        top, left, ch, cw, flip = crop
-        encoded = data.ndim == 1
-        d = 1
-        if encoded:
-            if self.reduce and is_jpeg(data):
-                d = boxes.dct_factor(Box(top, left, ch, cw), size)
-            img = decode(data, gray=self.mode == "L", factor=d, size=(h, w))
-        else:
-            img = _as_channels(data, self.channels)
-        if d == 1:
-            y0, x0, y1, x1 = top, left, top + ch, left + cw
-        else:
-            fy, fx = img.shape[0] / h, img.shape[1] / w
-            y0, x0 = int(top * fy), int(left * fx)
-            y1 = max(y0 + 1, min(img.shape[0], round((top + ch) * fy)))
-            x1 = max(x0 + 1, min(img.shape[1], round((left + cw) * fx)))
-        _resize_into(img[y0:y1, x0:x1], slot, size, bool(flip), self.layout)
-        return int(d > 1), int(img.shape[0] * img.shape[1]) if encoded else 0
-
 
 def _as_channels(px: np.ndarray, channels: int) -> np.ndarray:
-    """Stored pixels ``(H, W)`` or ``(H, W, C)`` as ``(H, W, channels)``."""
-    if px.ndim == 2:
-        px = px[:, :, None]
-    c = px.shape[2]
+    """A block of stored pixels ``(rows, H, W)`` or ``(rows, H, W, C)`` as ``(rows, H, W, channels)``."""
+    if px.ndim == 3:
+        px = px[..., None]
+    c = px.shape[-1]
     if c == channels:
         return px
     if channels == 3 and c == 1:
-        return np.repeat(px, 3, axis=2)
+        return np.repeat(px, 3, axis=-1)
     if channels == 3 and c == 4:
-        return px[:, :, :3]
+        return px[..., :3]
     if channels == 1 and c in (3, 4):
-        return cv2.cvtColor(np.ascontiguousarray(px[:, :, :3]), cv2.COLOR_RGB2GRAY)[:, :, None]
+        rgb = np.ascontiguousarray(px[..., :3]).reshape(-1, px.shape[2], 3)
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).reshape(*px.shape[:3], 1)
     raise ValueError(f"stored pixels have {c} channels; expected 1, 3 or 4")
 
 
-def _resize_into(src: np.ndarray, slot: np.ndarray, size: tuple[int, int], flip: bool, layout: str) -> None:
-    """Resize ``src`` (h, w, c) to ``size`` and write it, mirrored if ``flip``, into ``slot``."""
-    oh, ow = size
-    c = src.shape[2]
-    if src.shape[0] == oh and src.shape[1] == ow:
-        img = src
-    else:
-        # Bilinear when shrinking by at most 2x (DCT scaling sees to that for JPEG crops); area
-        # averaging beyond, where bilinear would alias.
-        shrink = max(src.shape[0] / oh, src.shape[1] / ow)
-        interp = cv2.INTER_AREA if shrink > 2 else cv2.INTER_LINEAR
-        img = cv2.resize(np.ascontiguousarray(src) if c > 4 else src, (ow, oh), interpolation=interp)
-        if img.ndim == 2:
-            img = img[:, :, None]
-    if flip:
-        img = img[:, ::-1]
-    if layout == "chw":
+LINEAR_SHRINK = 3.0
+"""Largest shrink resized bilinearly in one pass. Beyond it, 2x2 box averages halve the image
+first (OpenCV's fast integer path) and only the rest is interpolated; a general area resize
+(``INTER_AREA`` at a fractional ratio) is left for an axis that alone shrinks more than this.
+Bilinear up to 3x reads 2 of every <= 3 source pixels: on the benchmark's photographs its output
+differs from area averaging by 0.5 of 255 on average, and it costs a fifth (20 against 130 us
+for a 64-px crop)."""
+
+
+def _resize_into(src: np.ndarray, slot: np.ndarray) -> None:
+    """Resize ``src`` (h, w, c) to ``slot``'s (oh, ow, c), written in place (no temporary)."""
+    oh, ow = slot.shape[0], slot.shape[1]
+    sh, sw = src.shape[0], src.shape[1]
+    if sh == oh and sw == ow:
+        np.copyto(slot, src.reshape(slot.shape))
+        return
+    while min(sh / oh, sw / ow) >= 2 and max(sh / oh, sw / ow) > LINEAR_SHRINK:
+        sh, sw = sh // 2, sw // 2
+        src = cv2.resize(src[: 2 * sh, : 2 * sw], (sw, sh), interpolation=cv2.INTER_AREA)
+        if sh == oh and sw == ow:
+            np.copyto(slot, src.reshape(slot.shape))
+            return
+    shrink = max(sh / oh, sw / ow)
+    interp = cv2.INTER_AREA if shrink > LINEAR_SHRINK else cv2.INTER_LINEAR
+    # OpenCV writes into ``dst`` when its shape and type fit (always here), else it returns a new array.
+    target = slot if slot.shape[2] > 1 else slot[:, :, 0]
+    got = cv2.resize(src, (ow, oh), dst=target, interpolation=interp)
+    if got is not target:
+        np.copyto(slot, got.reshape(slot.shape))
+
+
+def _flip(img: np.ndarray) -> None:
+    """Mirror one (h, w, c) image in place."""
+    view = img if img.shape[2] > 1 else img[:, :, 0]
+    got = cv2.flip(view, 1, dst=view)
+    if got is not view:
+        np.copyto(img, got.reshape(img.shape))
+
+
+def _planes(img: np.ndarray, slot: np.ndarray) -> None:
+    """Write one (h, w, c) image channels-first into ``slot`` (c, h, w)."""
+    if img.shape[2] == 1:
+        np.copyto(slot[0], img[:, :, 0])
+        return
+    planes = [slot[k] for k in range(slot.shape[0])]
+    got = cv2.split(img, planes)
+    if any(g is not p for g, p in zip(got, planes, strict=True)):
         np.copyto(slot, img.transpose(2, 0, 1))
-    else:
-        np.copyto(slot, img)
+
+
+def _flip_rows(dst: np.ndarray, flips: np.ndarray) -> None:
+    """Mirror the selected samples of ``dst`` (rows, h, w, c) in place, by one negative-stride copy."""
+    if flips.any():
+        dst[flips] = dst[flips, :, ::-1]
 
 
 def _problem(exc: BaseException) -> str:
