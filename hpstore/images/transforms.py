@@ -164,9 +164,13 @@ class ImageTransform:
         size = self._out_size(values)
         u = boxes.draws(seed, epoch, indices, self.draws) if self.draws else np.empty((n, 0))
         blocks = [(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS)]
+        crops = None
+        if isinstance(values, np.ndarray):  # one shape for all: every crop of the window at once
+            h, w = values.shape[1], values.shape[2]
+            crops = self.boxes(np.full(n, h), np.full(n, w), u, size)
 
         def run(block: tuple[int, int]) -> list[int]:
-            return self._block(block, row, u, out, size, indices, field, values)
+            return self._block(block, row, u, out, size, indices, field, values, crops)
 
         pool = self._executor() if len(blocks) > 1 else None
         results = list(pool.map(run, blocks)) if pool is not None else [run(b) for b in blocks]
@@ -198,16 +202,17 @@ class ImageTransform:
         indices: np.ndarray,
         field: str,
         values: pa.Array | np.ndarray,
+        crops: np.ndarray | None,
     ) -> list[int]:
         t0 = time.thread_time()
         a, b = block
-        if isinstance(values, np.ndarray):
+        if crops is not None:
             # Small stored pixels: the block lands channels-last in ``dst`` (an output slice for
             # "hwc", else scratch moved channels-first by one transposed copy for the whole block).
             oh, ow = size
             hwc = self.layout == "hwc"
             dst = out[a:b] if hwc else np.empty((b - a, oh, ow, self.channels), np.uint8)
-            failed, reduced, pixels = self._raw(values[a:b], u[a:b], dst, size)
+            failed, reduced, pixels = self._raw(np.asarray(values[a:b]), crops[a:b], dst, size)
             if not hwc:
                 np.copyto(out[a:b], dst.transpose(0, 3, 1, 2))
         else:
@@ -283,25 +288,42 @@ class ImageTransform:
         return failed, reduced, pixels
 
     def _raw(
-        self, px: np.ndarray, u: np.ndarray, dst: np.ndarray, size: tuple[int, int]
+        self, px: np.ndarray, crops: np.ndarray, dst: np.ndarray, size: tuple[int, int]
     ) -> tuple[dict[int, BaseException], int, int]:
-        """Crop, resize and flip a block of stored pixels ``(rows, H, W[, C])`` into ``dst``: every
-        sample shares one shape, so the boxes, the channel conversion and the flip are done for the
-        whole block at once and only the resize runs per sample."""
+        """Crop, resize and flip a block of stored pixels ``(rows, H, W[, C])`` into ``dst`` (rows,
+        oh, ow, c). All samples share one shape, so the crops were drawn for the whole window and
+        the channel conversion is done once per block; the per-sample loop is two OpenCV calls
+        (measured on 256 32x32 crops, one thread: 9-16 us a sample, against 49-77 for
+        ``torch.nn.functional.grid_sample`` and 97-146 for separable interpolation by ``matmul``
+        on the whole window, conversions included)."""
         n, h, w = px.shape[0], px.shape[1], px.shape[2]
         try:
             self._check(h, w, size)
             px = _as_channels(px, self.channels)
         except ValueError as exc:
             return dict.fromkeys(range(n), exc), 0, 0
-        crops = self.boxes(np.full(n, h), np.full(n, w), u, size)
+        oh, ow = size
         whole = (crops[:, 0] == 0) & (crops[:, 1] == 0) & (crops[:, 2] == h) & (crops[:, 3] == w)
+        flips = crops[:, 4].astype(bool)
         if (h, w) == size and whole.all():  # nothing to resize (Decode, or a crop of the full size)
             np.copyto(dst, px)
-        else:
-            for j, (top, left, ch, cw, _) in enumerate(crops.tolist()):
+            if flips.any():
+                dst[flips] = dst[flips, :, ::-1]
+            return {}, 0, 0
+        one = self.channels == 1  # OpenCV sees (h, w) images for one channel
+        src, to = (px[..., 0], dst[..., 0]) if one else (px, dst)
+        wide = np.maximum(crops[:, 2] / oh, crops[:, 3] / ow) > LINEAR_SHRINK
+        linear = cv2.INTER_LINEAR
+        for j, (top, left, ch, cw, flip) in enumerate(crops.tolist()):
+            slot = to[j]
+            if wide[j]:
                 _resize_into(px[j, top : top + ch, left : left + cw], dst[j])
-        _flip_rows(dst, crops[:, 4].astype(bool))
+            else:
+                got = cv2.resize(src[j, top : top + ch, left : left + cw], (ow, oh), dst=slot, interpolation=linear)
+                if got is not slot:  # OpenCV writes in place only into a contiguous slot
+                    np.copyto(slot, got)
+            if flip:
+                _flip(dst[j])
         return {}, 0, 0
 
     def _check(self, height: int, width: int, size: tuple[int, int]) -> None:
@@ -373,12 +395,6 @@ def _planes(img: np.ndarray, slot: np.ndarray) -> None:
     got = cv2.split(img, planes)
     if any(g is not p for g, p in zip(got, planes, strict=True)):
         np.copyto(slot, img.transpose(2, 0, 1))
-
-
-def _flip_rows(dst: np.ndarray, flips: np.ndarray) -> None:
-    """Mirror the selected samples of ``dst`` (rows, h, w, c) in place, by one negative-stride copy."""
-    if flips.any():
-        dst[flips] = dst[flips, :, ::-1]
 
 
 def _problem(exc: BaseException) -> str:
