@@ -5,6 +5,7 @@ CPU tensors against a float64 reference."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import cv2
@@ -12,11 +13,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from PIL import Image
 
 import hpstore
 from hpstore.images import Normalize, RandomResizedCrop, boxes
+from hpstore.images.decode import PNG_MAGIC, decode
 from hpstore.images.transforms import _resize_into
-from tests.support.images import KINDS, image_bytes, picture
+from tests.support.images import KINDS, encode, image_bytes, picture
 from tests.test_images import run, write
 
 
@@ -156,3 +159,26 @@ def test_normalize_scalar_constants_and_errors() -> None:
         Normalize((0.1, 0.2, 0.3), 0.2)(x)
     with pytest.raises(hpstore.InputError, match="batch of images"):
         Normalize(0.5, 0.5)(torch.zeros(3, 4))
+
+
+# -- PNG through OpenCV ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["png", "rgba", "palette"])
+def test_png_decodes_to_the_same_pixels_as_pillow(kind: str) -> None:
+    data = np.frombuffer(encode(picture(3, 40, 70), kind), np.uint8)
+    assert data[:8].tobytes() == PNG_MAGIC
+    want = Image.open(io.BytesIO(data.tobytes()))
+    np.testing.assert_array_equal(decode(data, gray=False), np.asarray(want.convert("RGB")))
+    gray = decode(data, gray=True)
+    assert gray.shape == (40, 70, 1)
+    assert np.abs(gray[:, :, 0].astype(int) - np.asarray(want.convert("L")).astype(int)).max() <= 1
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
+    ramp = (np.arange(32 * 48).reshape(32, 48) * 40).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, "PNG")
+    px = decode(np.frombuffer(buf.getvalue(), np.uint8), gray=False)
+    np.testing.assert_array_equal(px[:, :, 0], (ramp >> 8).astype(np.uint8))
+    assert (px[:, :, 0] == px[:, :, 2]).all() and px.std() > 20
