@@ -5,4 +5,12 @@ from hpstore.images.decode import CorruptImageError
 from hpstore.images.normalize import Normalize
 from hpstore.images.transforms import CenterCrop, Decode, ImageStats, ImageTransform, RandomResizedCrop
 
-__all__ = ["CenterCrop", "CorruptImageError", "Decode", "ImageStats", "ImageTransform", "Normalize", "RandomResizedCrop"]
+__all__ = [
+    "CenterCrop",
+    "CorruptImageError",
+    "Decode",
+    "ImageStats",
+    "ImageTransform",
+    "Normalize",
+    "RandomResizedCrop",
+]

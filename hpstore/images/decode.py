@@ -49,10 +49,28 @@ def is_jpeg(data: np.ndarray) -> bool:
 def probe(data: np.ndarray) -> tuple[int, int]:
     """``(height, width)`` from the header alone. Raises ``ValueError`` / ``OSError`` if unreadable."""
     if is_jpeg(data):
-        h, w, _, _ = simplejpeg.decode_jpeg_header(data)
-        return int(h), int(w)
+        return jpeg_size(data)
     with Image.open(io.BytesIO(data.tobytes())) as im:
         return int(im.size[1]), int(im.size[0])
+
+
+def jpeg_size(data: np.ndarray) -> tuple[int, int]:
+    """``(height, width)`` of a JPEG from its header. Raises ``ValueError`` if unreadable."""
+    h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+    return int(h), int(w)
+
+
+def decode_jpeg(data: np.ndarray, *, gray: bool, min_height: int = 0, min_width: int = 0) -> np.ndarray:
+    """A JPEG at the smallest DCT scale (1/1-1/8) that keeps at least ``min_height`` x ``min_width``
+    (0: full size), as ``(H, W, 1 or 3)`` uint8."""
+    return simplejpeg.decode_jpeg(
+        data,
+        colorspace="GRAY" if gray else "RGB",
+        fastdct=True,
+        fastupsample=True,
+        min_height=min_height,
+        min_width=min_width,
+    )
 
 
 def decode(
@@ -63,17 +81,10 @@ def decode(
     if is_jpeg(data):
         if factor > 1:
             h, w = size if size is not None else probe(data)
-            min_h, min_w = math.ceil(h / factor), math.ceil(w / factor)
-        else:
-            min_h = min_w = 0
-        return simplejpeg.decode_jpeg(
-            data,
-            colorspace="GRAY" if gray else "RGB",
-            fastdct=True,
-            fastupsample=True,
-            min_height=min_h,
-            min_width=min_w,
-        )
+            return decode_jpeg(
+                data, gray=gray, min_height=math.ceil(h / factor), min_width=math.ceil(w / factor)
+            )
+        return decode_jpeg(data, gray=gray)
     if data[:8].tobytes() == PNG_MAGIC and data[-12:].tobytes() == PNG_END:
         # 8 bits (16-bit samples scaled, where Pillow would clip them); None when it cannot decode.
         px = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE if gray else cv2.IMREAD_COLOR_RGB)

@@ -49,7 +49,9 @@ class Normalize:
         self.mean = _constants(mean, "mean")
         self.std = _constants(std, "std")
         if len(self.mean) != len(self.std) and 1 not in (len(self.mean), len(self.std)):
-            raise InputError(f"mean has {len(self.mean)} values and std {len(self.std)}; give as many of each")
+            raise InputError(
+                f"mean has {len(self.mean)} values and std {len(self.std)}; give as many of each"
+            )
         if any(s == 0 for s in self.std):
             raise InputError(f"std must not be 0, got {self.std!r}")
         self.scale = float(scale)
@@ -74,7 +76,9 @@ class Normalize:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim < 3:
-            raise InputError(f"Normalize needs a batch of images (N, C, H, W) or (N, H, W, C), got {tuple(x.shape)}")
+            raise InputError(
+                f"Normalize needs a batch of images (N, C, H, W) or (N, H, W, C), got {tuple(x.shape)}"
+            )
         channel_dim = x.ndim - 3 if self.layout == "chw" else x.ndim - 1
         c = x.shape[channel_dim]
         if self._mul.numel() not in (1, c):

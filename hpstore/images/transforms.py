@@ -37,8 +37,7 @@ import pyarrow as pa
 from hpstore.counters import Counters
 from hpstore.errors import InputError
 from hpstore.images import boxes
-from hpstore.images.boxes import Box
-from hpstore.images.decode import CorruptImageError, decode, is_jpeg, probe
+from hpstore.images.decode import CorruptImageError, decode, decode_jpeg, is_jpeg, jpeg_size, probe
 
 BLOCK_ROWS = 32
 """Rows per task on the transform's threads: small enough to balance, large enough to amortise."""
@@ -245,27 +244,36 @@ class ImageTransform:
             try:
                 if data is None:
                     raise ValueError("the value is null")
-                jpeg[j] = is_jpeg(data)
-                shapes[j] = probe(data)
-                self._check(int(shapes[j, 0]), int(shapes[j, 1]), size)
+                jpeg[j] = jp = is_jpeg(data)
+                h, w = jpeg_size(data) if jp else probe(data)
+                shapes[j] = h, w
+                self._check(h, w, size)
             except (ValueError, OSError) as exc:
                 failed[j] = exc
         crops = self.boxes(shapes[:, 0], shapes[:, 1], u[a:b], size)
-        factors = boxes.dct_factors(crops[:, 2], crops[:, 3], size) if self.reduce else np.ones(b - a, np.int64)
+        factors = (
+            boxes.dct_factors(crops[:, 2], crops[:, 3], size) if self.reduce else np.ones(b - a, np.int64)
+        )
         factors[~jpeg] = 1
+        # libjpeg-turbo's 1/d scale: the smallest output that keeps ceil(side / d) pixels.
+        mins = np.where(factors[:, None] > 1, -(-shapes // factors[:, None]), 0).tolist()
         gray = self.mode == "L"
         chw = self.layout == "chw"
         # "chw": each sample is resized channels-last into one scratch image, then split into the
         # slot's planes (cv2.split: 14 us for 224 px against 57 us for numpy's transposed copy).
         scratch = np.empty((*size, self.channels), np.uint8) if chw else None
         reduced = pixels = 0
-        for j, (data, (h, w), (top, left, ch, cw, flip), d) in enumerate(
-            zip(datas, shapes.tolist(), crops.tolist(), factors.tolist(), strict=True)
+        for j, (data, (h, w), (top, left, ch, cw, flip), d, jp, (mh, mw)) in enumerate(
+            zip(datas, shapes.tolist(), crops.tolist(), factors.tolist(), jpeg.tolist(), mins, strict=True)
         ):
             if data is None or j in failed:
                 continue
             try:
-                img = decode(data, gray=gray, factor=d, size=(h, w))
+                img = (
+                    decode_jpeg(data, gray=gray, min_height=mh, min_width=mw)
+                    if jp
+                    else decode(data, gray=gray)
+                )
                 ih, iw = img.shape[0], img.shape[1]
                 if d == 1:
                     y0, x0, y1, x1 = top, left, top + ch, left + cw
@@ -319,7 +327,9 @@ class ImageTransform:
             if wide[j]:
                 _resize_into(px[j, top : top + ch, left : left + cw], dst[j])
             else:
-                got = cv2.resize(src[j, top : top + ch, left : left + cw], (ow, oh), dst=slot, interpolation=linear)
+                got = cv2.resize(
+                    src[j, top : top + ch, left : left + cw], (ow, oh), dst=slot, interpolation=linear
+                )
                 if got is not slot:  # OpenCV writes in place only into a contiguous slot
                     np.copyto(slot, got)
             if flip:
