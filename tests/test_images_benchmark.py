@@ -33,10 +33,7 @@ def test_baselines_and_limit_on_a_small_folder(tmp_path: Path) -> None:
     assert x.shape == (3, 32, 32)
     blobs = [Path(p).read_bytes() for p, _ in files]
     assert decode_limit(blobs, None) > 0 and decode_limit(blobs, 16) > 0
-    assert (
-        other_decode_seconds(blobs) > 0
-        and other_decode_seconds([b for b in blobs if b[:2] == b"\xff\xd8"]) == 0
-    )
+    assert other_decode_seconds(blobs) > 0  # the PNGs of the folder
 
 
 def test_rrc_params_stay_inside() -> None:
