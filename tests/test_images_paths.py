@@ -198,3 +198,13 @@ def test_sixteen_bit_png_is_scaled_not_clipped() -> None:
     px = decode(np.frombuffer(buf.getvalue(), np.uint8), gray=False)
     np.testing.assert_array_equal(px[:, :, 0], (ramp >> 8).astype(np.uint8))
     assert (px[:, :, 0] == px[:, :, 2]).all() and px.std() > 20
+
+
+def test_center_boxes_match_the_single_image_rule() -> None:
+    rng = np.random.default_rng(1)
+    hs, ws = rng.integers(1, 900, 400), rng.integers(1, 900, 400)
+    for size, resize in [((64, 64), None), ((64, 64), 73), ((24, 40), 48), ((7, 5), None)]:
+        got = boxes.center_boxes(hs, ws, size, resize)
+        for (h, w), row in zip(zip(hs.tolist(), ws.tolist(), strict=True), got.tolist(), strict=True):
+            b = boxes.center_box(h, w, size, resize)
+            assert row == [b.top, b.left, b.height, b.width, 0]

@@ -461,11 +461,7 @@ class CenterCrop(ImageTransform):
     def boxes(
         self, heights: np.ndarray, widths: np.ndarray, u: np.ndarray, size: tuple[int, int]
     ) -> np.ndarray:
-        out = np.zeros((len(heights), 5), dtype=np.int64)
-        for j, (h, w) in enumerate(zip(heights.tolist(), widths.tolist(), strict=True)):
-            b = boxes.center_box(h, w, size, self.resize)
-            out[j, :4] = (b.top, b.left, b.height, b.width)
-        return out
+        return boxes.center_boxes(heights, widths, size, self.resize)
 
     def __repr__(self) -> str:
         return f"CenterCrop({self.size}, resize={self.resize})"
