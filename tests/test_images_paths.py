@@ -208,3 +208,14 @@ def test_center_boxes_match_the_single_image_rule() -> None:
         for (h, w), row in zip(zip(hs.tolist(), ws.tolist(), strict=True), got.tolist(), strict=True):
             b = boxes.center_box(h, w, size, resize)
             assert row == [b.top, b.left, b.height, b.width, 0]
+
+
+@pytest.mark.parametrize("layout", ["chw", "hwc"])
+def test_a_non_contiguous_output_gets_the_same_pixels(layout: str) -> None:
+    encoded = pa.array(image_bytes(12, sizes=(60, 200), kinds=KINDS), pa.binary())
+    for values in (encoded, raw_pixels(12)):
+        t = RandomResizedCrop(16, layout=layout, threads=1)
+        want, _ = run(t, values, np.arange(12))
+        wide = np.zeros((*want.shape[:-1], 2 * want.shape[-1]), np.uint8)
+        t(values, wide[..., ::2], indices=np.arange(12), seed=0, epoch=0, field="image")
+        np.testing.assert_array_equal(wide[..., ::2], want)
