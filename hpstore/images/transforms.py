@@ -254,6 +254,7 @@ class ImageTransform:
 
     def _plan(self, n: int, row: Row, u: np.ndarray, size: tuple[int, int]) -> _Window:
         """Headers of the window's encoded images, then every crop and DCT scale at once."""
+        t0 = time.thread_time()
         failed: dict[int, BaseException] = {}
         shapes = np.ones((n, 2), dtype=np.int64)
         jpeg = np.zeros(n, dtype=bool)
@@ -273,6 +274,7 @@ class ImageTransform:
         factors[~jpeg] = 1
         # libjpeg-turbo's 1/d scale: the smallest output that keeps ceil(side / d) pixels.
         mins = np.where(factors[:, None] > 1, -(-shapes // factors[:, None]), 0)
+        self.stats.add(seconds=time.thread_time() - t0)
         return _Window(crops, shapes, jpeg, factors, mins, failed)
 
     def _encoded(
