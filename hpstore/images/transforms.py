@@ -9,8 +9,10 @@ Inputs: a ``binary`` Arrow column of encoded files (JPEG, PNG, ...; see ``hpstor
 or a fixed-shape uint8 array of decoded pixels ``(rows, H, W[, C])``, as ``tools.ingest
 --image-decode`` stores them.
 
-Work is split into blocks of ``BLOCK_ROWS`` rows run on the transform's own threads (``threads``);
-decoding, resizing and copying release the GIL, so threads scale with cores. The random draws of
+First the whole window is planned in the calling thread: encoded images' headers are read and
+every crop (and DCT scale) is drawn in one numpy call. Then the work is split into blocks of
+``BLOCK_ROWS`` rows run on the transform's own threads (``threads``); decoding, resizing and
+copying release the GIL, so threads scale with cores. The random draws of
 each sample are a pure function of ``(seed, epoch, sample index)`` (``hpstore.images.boxes``), so
 the output does not depend on threads, workers or where an epoch was resumed.
 
