@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.images import PILArray, PILFolder, decode_limit, folder_files, rrc_params
+from benchmarks.images import (
+    PILArray,
+    PILFolder,
+    decode_limit,
+    folder_files,
+    other_decode_seconds,
+    rrc_params,
+)
 from tests.support.images import image_folder
 
 
@@ -26,6 +33,7 @@ def test_baselines_and_limit_on_a_small_folder(tmp_path: Path) -> None:
     assert x.shape == (3, 32, 32)
     blobs = [Path(p).read_bytes() for p, _ in files]
     assert decode_limit(blobs, None) > 0 and decode_limit(blobs, 16) > 0
+    assert other_decode_seconds(blobs) > 0  # the PNGs of the folder
 
 
 def test_rrc_params_stay_inside() -> None:

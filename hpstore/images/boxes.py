@@ -119,6 +119,20 @@ def center_box(height: int, width: int, size: tuple[int, int], resize: int | Non
     return Box((height - h) // 2, (width - w) // 2, h, w, False)
 
 
+def center_boxes(
+    heights: np.ndarray, widths: np.ndarray, size: tuple[int, int], resize: int | None
+) -> np.ndarray:
+    """``center_box`` of many images at once: ``(n, 5)`` int64 rows ``(top, left, height, width, 0)``."""
+    hh = np.asarray(heights, dtype=np.int64)
+    ww = np.asarray(widths, dtype=np.int64)
+    out_h, out_w = size
+    shorter = resize if resize is not None else min(out_h, out_w)
+    r = shorter / np.minimum(hh, ww)  # resize factors, float64 as in center_box
+    h = np.maximum(1, np.minimum(hh, np.round(out_h / r).astype(np.int64)))
+    w = np.maximum(1, np.minimum(ww, np.round(out_w / r).astype(np.int64)))
+    return np.stack([(hh - h) // 2, (ww - w) // 2, h, w, np.zeros_like(h)], axis=1)
+
+
 def dct_factor(box: Box, size: tuple[int, int], limit: int = 8) -> int:
     """The largest power-of-two reduction (1, 2, 4 or 8) that keeps the crop at least as large as
     the output: libjpeg-turbo then decodes 1/factor of each side, skipping most of the IDCT work."""
@@ -126,4 +140,14 @@ def dct_factor(box: Box, size: tuple[int, int], limit: int = 8) -> int:
     d = 1
     while d * 2 <= limit and d * 2 <= room:
         d *= 2
+    return d
+
+
+def dct_factors(heights: np.ndarray, widths: np.ndarray, size: tuple[int, int], limit: int = 8) -> np.ndarray:
+    """``dct_factor`` of many crops (``heights``, ``widths``) at once, as int64."""
+    room = np.minimum(np.asarray(heights) / size[0], np.asarray(widths) / size[1])
+    d = np.ones(len(room), dtype=np.int64)
+    for f in (2, 4, 8):
+        if f <= limit:
+            d[room >= f] = f
     return d
