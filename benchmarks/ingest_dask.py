@@ -18,6 +18,8 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -28,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import BenchConfig, Figure, Progress
+from benchmarks.ingest_child import run_child
 from hpstore.format.manifest import MANIFEST_KEY, Manifest, _manifest_to_dict, commit_manifest
 from hpstore.format.parts import FieldPlan, PartResult, SplitPlan, assemble_split
 from hpstore.storage.local import LocalStorage
@@ -72,7 +75,33 @@ def _worker_peak_mb(client: Any) -> list[float]:
     return sorted(client.run(hwm).values())
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _workers_cpu_s(client: Any) -> float:
+    """User + system CPU seconds of all worker processes so far (each process's own threads)."""
+    return float(sum(client.run(_cpu_s).values()))
+
+
+def _dask_run(client: Any, **options: Any) -> dict[str, float]:
+    """One ``--engine dask`` ingest from a child client against the running cluster, with the CPU
+    seconds of the workers and of this process (the LocalCluster's scheduler lives here) over it."""
+    shutil.rmtree(options["dst"], ignore_errors=True)
+    w0, s0 = _workers_cpu_s(client), _cpu_s()
+    out = run_child(**options)
+    out["workers_cpu_s"] = _workers_cpu_s(client) - w0
+    out["scheduler_cpu_s"] = _cpu_s() - s0
+    return out
+
+
 def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Figure]:
+    """Each run is a child process (``benchmarks.ingest_child``) timed from inside; besides MB/s, the
+    CPU seconds each run used: the single process's (its encode threads included), and under Dask
+    the workers' plus the child client's plus the scheduler's. CPU seconds / wall seconds is the
+    number of cores a run kept busy: when the single process already keeps most of the machine's
+    cores busy, 2 workers on the same cores cannot be much faster whatever the engine does."""
     import distributed
 
     pq_src = parquet_source(cfg.data_dir / "ingest" / "parquet-dask", 24 if cfg.quick else 128)
@@ -93,27 +122,27 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
             startup = time.perf_counter() - t0
             for name, (src, layout) in sources.items():
                 progress(f"ingest: dask x{workers}, {name}")
-                dask_opts: dict[str, Any] = {
-                    "engine": "dask",
-                    "scheduler": cluster.scheduler_address,
-                    **layout,
-                }
-                _ingest_seconds(src, dst, **dask_opts)  # warm-up: imports on the workers
-                single: list[float] = []
-                dask: list[float] = []
+                base = {"src": str(src), "dst": str(dst), **layout}
+                dask_opts = {**base, "engine": "dask", "scheduler": cluster.scheduler_address}
+                _dask_run(client, **dask_opts)  # warm-up: imports on the workers
+                single: list[dict[str, float]] = []
+                dask: list[dict[str, float]] = []
                 for i in range(cfg.repeats):  # alternating order, so drift hits both alike
-                    order = [("d", dask_opts), ("s", layout)] if i % 2 else [("s", layout), ("d", dask_opts)]
-                    for which, opts in order:
-                        seconds, nbytes = _ingest_seconds(src, dst, **opts)
-                        (dask if which == "d" else single).append(nbytes / 1e6 / seconds)
+                    for which in ("ds" if i % 2 else "sd"):
+                        if which == "d":
+                            dask.append(_dask_run(client, **dask_opts))
+                        else:
+                            shutil.rmtree(dst, ignore_errors=True)
+                            single.append(run_child(**base))
+                nbytes = single[0]["bytes_in"]
                 figures.append(
                     Figure(
                         bench="ingest",
                         name=f"{name}, dask {workers} worker{'s' if workers > 1 else ''} ({nbytes / 1e6:.0f} MB)",
                         unit="MB/s",
-                        values=dask,
+                        values=[r["bytes_in"] / 1e6 / r["seconds"] for r in dask],
                         baseline="single process (2 encode threads)",
-                        baseline_values=single,
+                        baseline_values=[r["bytes_in"] / 1e6 / r["seconds"] for r in single],
                         target="≥ 1.7x with 2 workers (CPU-bound)"
                         if workers == 2 and "CPU" in name
                         else None,
@@ -121,6 +150,19 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
                             "cluster_startup_s": startup,
                             "worker_peak_rss_mb": _worker_peak_mb(client),
                             "layout": layout,
+                            "single_wall_s": [r["seconds"] for r in single],
+                            "single_cpu_s": [r["cpu_s"] for r in single],
+                            "single_cores_busy": [r["cpu_s"] / r["seconds"] for r in single],
+                            "dask_wall_s": [r["seconds"] for r in dask],
+                            "dask_workers_cpu_s": [r["workers_cpu_s"] for r in dask],
+                            "dask_client_cpu_s": [r["cpu_s"] for r in dask],
+                            "dask_scheduler_cpu_s": [r["scheduler_cpu_s"] for r in dask],
+                            "dask_cores_busy": [
+                                (r["workers_cpu_s"] + r["cpu_s"] + r["scheduler_cpu_s"]) / r["seconds"]
+                                for r in dask
+                            ],
+                            "cores": os.cpu_count(),
+                            "load_avg_1m": os.getloadavg()[0],
                         },
                     )
                 )
