@@ -21,6 +21,7 @@ import json
 import os
 import resource
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,7 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
                 single: list[dict[str, float]] = []
                 dask: list[dict[str, float]] = []
                 for i in range(cfg.repeats):  # alternating order, so drift hits both alike
-                    for which in ("ds" if i % 2 else "sd"):
+                    for which in "ds" if i % 2 else "sd":
                         if which == "d":
                             dask.append(_dask_run(client, **dask_opts))
                         else:
@@ -289,6 +290,97 @@ def memory_figure(cfg: BenchConfig, progress: Progress) -> Figure:
     )
 
 
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def peer_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
+    """The 32 MB npy digits source converted by Hugging Face ``datasets`` (``save_to_disk``) and by
+    LitData (``optimize``, 2 worker processes), each in ``.bench-venv`` (``benchmarks.peers``), next
+    to hpstore's single-process ingest and ``--engine dask`` with 2 workers (codec none: all four
+    write the rows uncompressed), one run each, in one loop. A peer's CPU seconds are those of its
+    process tree (``RUSAGE_CHILDREN``, imports included); its wall time is measured inside it."""
+    import distributed
+
+    from benchmarks import peers
+    from benchmarks.ingest import npy_source
+
+    progress("ingest: peers' virtualenv (.bench-venv)")
+    status = peers.ensure()
+    src = npy_source(cfg, 32)
+    dst = cfg.data_dir / "ingest" / "store-peers"
+    runs: dict[str, dict[str, float]] = {}
+    shutil.rmtree(dst, ignore_errors=True)
+    runs["hpstore single process"] = run_child(src=str(src), dst=str(dst), codec="none")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        opts = {"src": str(src), "dst": str(dst), "codec": "none", "engine": "dask"}
+        _dask_run(client, **opts, scheduler=cluster.scheduler_address)  # warm-up
+        runs["hpstore --engine dask, 2 workers"] = _dask_run(
+            client, **opts, scheduler=cluster.scheduler_address
+        )
+    shutil.rmtree(dst, ignore_errors=True)
+    for peer, workers in (("datasets", 1), ("litdata", 2)):
+        if not status[peer].startswith("installed"):
+            progress(f"ingest: {peer} skipped: {status[peer]}")
+            continue
+        progress(f"ingest: {peer} on {src.name}")
+        c0 = _children_cpu_s()
+        out = subprocess.run(
+            [
+                str(peers.python()),
+                str(Path(peers.__file__).parent / "convert.py"),
+                peer,
+                str(src),
+                str(dst),
+                str(workers),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            status[peer] += f"; failed: {out.stderr.strip().splitlines()[-1:]}"
+            continue
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        runs[f"{peer} ({workers} process{'es' if workers > 1 else ''})"] = {
+            "seconds": doc["seconds"],
+            "cpu_s": _children_cpu_s() - c0,
+            "bytes_in": runs["hpstore single process"]["bytes_in"],
+            "bytes_out": doc["bytes_out"],
+        }
+        shutil.rmtree(dst, ignore_errors=True)
+    base = runs["hpstore single process"]
+    mbps = {k: r["bytes_in"] / 1e6 / r["seconds"] for k, r in runs.items()}
+    extra = {
+        "peers": status,
+        "mb_per_s": mbps,
+        "wall_s": {k: r["seconds"] for k, r in runs.items()},
+        "cpu_s": {
+            k: r["cpu_s"] + r.get("workers_cpu_s", 0) + r.get("scheduler_cpu_s", 0) for k, r in runs.items()
+        },
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    return [
+        Figure(
+            bench="ingest",
+            name=f"{name} converting the 32 MB npy source",
+            unit="MB/s",
+            values=[mbps[name]],
+            baseline="hpstore single-process ingest of the same source (codec none)",
+            baseline_values=[base["bytes_in"] / 1e6 / base["seconds"]],
+            extra=extra,
+        )
+        for name in runs
+        if name != "hpstore single process"
+    ]
+
+
 def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[Figure]:
     """Also runs alone: ``python -m benchmarks --only ingest_dask [--quick]``."""
     if npy is None:
@@ -304,4 +396,5 @@ def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[F
         *commit_figures(cfg, progress),
         memory_figure(cfg, progress),
         *scaling_figures(cfg, progress, npy),
+        *peer_figures(cfg, progress),
     ]

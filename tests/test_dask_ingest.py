@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 import pytest
 
 import hpstore
-from hpstore.format.manifest import MANIFEST_KEY
 from hpstore.checksum import crc32c_hex
+from hpstore.format.manifest import MANIFEST_KEY
 from hpstore.format.parts import FieldPlan, SplitPlan, assemble_split, write_part
 from hpstore.format.writer import Layout, split_geometry
 from hpstore.storage.base import ObjectSink, Storage
