@@ -13,6 +13,12 @@
 3. **Peak RSS per worker** (``VmHWM`` of each worker process after a job), in ``extra``; and flat in
    the source size: a fresh LocalCluster of 2 workers per size, the npy source at 32 and 256 MB,
    the largest worker peak at 256 MB against the one at 32 MB (target: the same, within noise).
+4. **CPU seconds** next to every scaling figure (``extra``): the single process's, and the Dask
+   run's workers + client + scheduler, with cores kept busy (CPU s / wall s) and the load average:
+   what bounds the ratio on a machine with as many cores as workers.
+5. **Peers** (``peer_figures``): Hugging Face ``datasets`` ``save_to_disk`` and LitData ``optimize``
+   on the 32 MB npy source, from their own virtualenv (``benchmarks.peers``), beside hpstore's
+   single-process and Dask ingest of the same source.
 """
 
 from __future__ import annotations
