@@ -103,7 +103,9 @@ def _dask_run(client: Any, **options: Any) -> dict[str, float]:
     return out
 
 
-def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Figure]:
+def scaling_figures(
+    cfg: BenchConfig, progress: Progress, npy: Path, workers_list: tuple[int, ...] = (1, 2)
+) -> list[Figure]:
     """Each run is a child process (``benchmarks.ingest_child``) timed from inside; besides MB/s, the
     CPU seconds each run used: the single process's (its encode threads included), and under Dask
     the workers' plus the child client's plus the scheduler's. CPU seconds / wall seconds is the
@@ -112,13 +114,16 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
     import distributed
 
     pq_src = parquet_source(cfg.data_dir / "ingest" / "parquet-dask", 24 if cfg.quick else 128)
+    # Partitions are runs of whole shards: with the default 64 MiB shards these sources would be one
+    # or two partitions, which no number of workers can share. Both engines get the same layout.
+    shard = (4 if cfg.quick else 16) << 20
     sources: dict[str, tuple[Path, dict[str, Any]]] = {
-        "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1}),
-        "bandwidth-bound: npy -> raw": (npy, {"codec": "none"}),
+        "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1, "shard_bytes": shard}),
+        "bandwidth-bound: npy -> raw": (npy, {"codec": "none", "shard_bytes": shard}),
     }
     dst = cfg.data_dir / "ingest" / "store-dask"
     figures = []
-    for workers in (1, 2):
+    for workers in workers_list:
         t0 = time.perf_counter()
         with (
             distributed.LocalCluster(
