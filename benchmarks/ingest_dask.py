@@ -11,14 +11,23 @@
    alternately: the same commit with the manifest encoded as indented JSON (``indent=1``, what the
    format wrote before it went compact), which is what made the commit of 10,000 parts take 4.4 s.
 3. **Peak RSS per worker** (``VmHWM`` of each worker process after a job), in ``extra``; and flat in
-   the source size: a fresh LocalCluster of 2 workers per size, the npy source at 1x and 4x, the
-   largest worker peak at 4x against the one at 1x (target: the same, within noise).
+   the source size: a fresh LocalCluster of 2 workers per size, the npy source at 32 and 256 MB,
+   the largest worker peak at 256 MB against the one at 32 MB (target: the same, within noise).
+4. **CPU seconds** next to every scaling figure (``extra``): the single process's, and the Dask
+   run's workers + client + scheduler, with cores kept busy (CPU s / wall s) and the load average:
+   what bounds the ratio on a machine with as many cores as workers.
+5. **Peers** (``peer_figures``): Hugging Face ``datasets`` ``save_to_disk`` and LitData ``optimize``
+   on the 32 MB npy source, from their own virtualenv (``benchmarks.peers``), beside hpstore's
+   single-process and Dask ingest of the same source.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import resource
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +37,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.common import BenchConfig, Figure, Progress
+from benchmarks.ingest_child import run_child
 from hpstore.format.manifest import MANIFEST_KEY, Manifest, _manifest_to_dict, commit_manifest
 from hpstore.format.parts import FieldPlan, PartResult, SplitPlan, assemble_split
 from hpstore.storage.local import LocalStorage
@@ -72,17 +82,48 @@ def _worker_peak_mb(client: Any) -> list[float]:
     return sorted(client.run(hwm).values())
 
 
-def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Figure]:
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _workers_cpu_s(client: Any) -> float:
+    """User + system CPU seconds of all worker processes so far (each process's own threads)."""
+    return float(sum(client.run(_cpu_s).values()))
+
+
+def _dask_run(client: Any, **options: Any) -> dict[str, float]:
+    """One ``--engine dask`` ingest from a child client against the running cluster, with the CPU
+    seconds of the workers and of this process (the LocalCluster's scheduler lives here) over it."""
+    shutil.rmtree(options["dst"], ignore_errors=True)
+    w0, s0 = _workers_cpu_s(client), _cpu_s()
+    out = run_child(**options)
+    out["workers_cpu_s"] = _workers_cpu_s(client) - w0
+    out["scheduler_cpu_s"] = _cpu_s() - s0
+    return out
+
+
+def scaling_figures(
+    cfg: BenchConfig, progress: Progress, npy: Path, workers_list: tuple[int, ...] = (1, 2)
+) -> list[Figure]:
+    """Each run is a child process (``benchmarks.ingest_child``) timed from inside; besides MB/s, the
+    CPU seconds each run used: the single process's (its encode threads included), and under Dask
+    the workers' plus the child client's plus the scheduler's. CPU seconds / wall seconds is the
+    number of cores a run kept busy: when the single process already keeps most of the machine's
+    cores busy, 2 workers on the same cores cannot be much faster whatever the engine does."""
     import distributed
 
     pq_src = parquet_source(cfg.data_dir / "ingest" / "parquet-dask", 24 if cfg.quick else 128)
+    # Partitions are runs of whole shards: with the default 64 MiB shards these sources would be one
+    # or two partitions, which no number of workers can share. Both engines get the same layout.
+    shard = (4 if cfg.quick else 16) << 20
     sources: dict[str, tuple[Path, dict[str, Any]]] = {
-        "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1}),
-        "bandwidth-bound: npy -> raw": (npy, {"codec": "none"}),
+        "CPU-bound: zstd Parquet -> zstd-1": (pq_src, {"codec": "zstd", "level": 1, "shard_bytes": shard}),
+        "bandwidth-bound: npy -> raw": (npy, {"codec": "none", "shard_bytes": shard}),
     }
     dst = cfg.data_dir / "ingest" / "store-dask"
     figures = []
-    for workers in (1, 2):
+    for workers in workers_list:
         t0 = time.perf_counter()
         with (
             distributed.LocalCluster(
@@ -93,27 +134,27 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
             startup = time.perf_counter() - t0
             for name, (src, layout) in sources.items():
                 progress(f"ingest: dask x{workers}, {name}")
-                dask_opts: dict[str, Any] = {
-                    "engine": "dask",
-                    "scheduler": cluster.scheduler_address,
-                    **layout,
-                }
-                _ingest_seconds(src, dst, **dask_opts)  # warm-up: imports on the workers
-                single: list[float] = []
-                dask: list[float] = []
+                base = {"src": str(src), "dst": str(dst), **layout}
+                dask_opts = {**base, "engine": "dask", "scheduler": cluster.scheduler_address}
+                _dask_run(client, **dask_opts)  # warm-up: imports on the workers
+                single: list[dict[str, float]] = []
+                dask: list[dict[str, float]] = []
                 for i in range(cfg.repeats):  # alternating order, so drift hits both alike
-                    order = [("d", dask_opts), ("s", layout)] if i % 2 else [("s", layout), ("d", dask_opts)]
-                    for which, opts in order:
-                        seconds, nbytes = _ingest_seconds(src, dst, **opts)
-                        (dask if which == "d" else single).append(nbytes / 1e6 / seconds)
+                    for which in "ds" if i % 2 else "sd":
+                        if which == "d":
+                            dask.append(_dask_run(client, **dask_opts))
+                        else:
+                            shutil.rmtree(dst, ignore_errors=True)
+                            single.append(run_child(**base))
+                nbytes = single[0]["bytes_in"]
                 figures.append(
                     Figure(
                         bench="ingest",
                         name=f"{name}, dask {workers} worker{'s' if workers > 1 else ''} ({nbytes / 1e6:.0f} MB)",
                         unit="MB/s",
-                        values=dask,
+                        values=[r["bytes_in"] / 1e6 / r["seconds"] for r in dask],
                         baseline="single process (2 encode threads)",
-                        baseline_values=single,
+                        baseline_values=[r["bytes_in"] / 1e6 / r["seconds"] for r in single],
                         target="≥ 1.7x with 2 workers (CPU-bound)"
                         if workers == 2 and "CPU" in name
                         else None,
@@ -121,6 +162,19 @@ def scaling_figures(cfg: BenchConfig, progress: Progress, npy: Path) -> list[Fig
                             "cluster_startup_s": startup,
                             "worker_peak_rss_mb": _worker_peak_mb(client),
                             "layout": layout,
+                            "single_wall_s": [r["seconds"] for r in single],
+                            "single_cpu_s": [r["cpu_s"] for r in single],
+                            "single_cores_busy": [r["cpu_s"] / r["seconds"] for r in single],
+                            "dask_wall_s": [r["seconds"] for r in dask],
+                            "dask_workers_cpu_s": [r["workers_cpu_s"] for r in dask],
+                            "dask_client_cpu_s": [r["cpu_s"] for r in dask],
+                            "dask_scheduler_cpu_s": [r["scheduler_cpu_s"] for r in dask],
+                            "dask_cores_busy": [
+                                (r["workers_cpu_s"] + r["cpu_s"] + r["scheduler_cpu_s"]) / r["seconds"]
+                                for r in dask
+                            ],
+                            "cores": os.cpu_count(),
+                            "load_avg_1m": os.getloadavg()[0],
                         },
                     )
                 )
@@ -213,16 +267,17 @@ def commit_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
 
 
 def memory_figure(cfg: BenchConfig, progress: Progress) -> Figure:
-    """Largest worker ``VmHWM`` after ingesting the npy source at 4x the size vs at 1x, each on a
+    """Largest worker ``VmHWM`` after ingesting the npy source at 8x the size vs at 1x (32 MB: under
+    one 64 MiB shard, so its shard is the source; 256 MB: four full shards), each on a
     fresh LocalCluster of 2 workers (a high-water mark only ever grows: one cluster per size)."""
     import distributed
 
     from benchmarks.ingest import npy_source
 
-    base = 32 if cfg.quick else 128
+    base, factor = 32, 8
     dst = cfg.data_dir / "ingest" / "store-dask-mem"
     peaks: dict[int, float] = {}
-    for mb in (base, 4 * base):
+    for mb in (base, factor * base):
         npy = npy_source(cfg, mb)
         progress(f"ingest: dask x2 worker peak memory, {mb} MB npy")
         with (
@@ -235,15 +290,106 @@ def memory_figure(cfg: BenchConfig, progress: Progress) -> Figure:
             peaks[mb] = max(_worker_peak_mb(client))
     return Figure(
         bench="ingest",
-        name=f"dask worker peak RSS, {4 * base} MB npy source (2 workers)",
+        name=f"dask worker peak RSS, {factor * base} MB npy source (2 workers)",
         unit="MB",
-        values=[peaks[4 * base]],
+        values=[peaks[factor * base]],
         baseline=f"the same at {base} MB (a fresh cluster)",
         baseline_values=[peaks[base]],
         higher_is_better=False,
         target="flat in the source size (ratio ~1)",
         extra={"peak_mb_by_source_mb": peaks},
     )
+
+
+def _children_cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def peer_figures(cfg: BenchConfig, progress: Progress) -> list[Figure]:
+    """The 32 MB npy digits source converted by Hugging Face ``datasets`` (``save_to_disk``) and by
+    LitData (``optimize``, 2 worker processes), each in ``.bench-venv`` (``benchmarks.peers``), next
+    to hpstore's single-process ingest and ``--engine dask`` with 2 workers (codec none: all four
+    write the rows uncompressed), one run each, in one loop. A peer's CPU seconds are those of its
+    process tree (``RUSAGE_CHILDREN``, imports included); its wall time is measured inside it."""
+    import distributed
+
+    from benchmarks import peers
+    from benchmarks.ingest import npy_source
+
+    progress("ingest: peers' virtualenv (.bench-venv)")
+    status = peers.ensure()
+    src = npy_source(cfg, 32)
+    dst = cfg.data_dir / "ingest" / "store-peers"
+    runs: dict[str, dict[str, float]] = {}
+    shutil.rmtree(dst, ignore_errors=True)
+    runs["hpstore single process"] = run_child(src=str(src), dst=str(dst), codec="none")
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        opts = {"src": str(src), "dst": str(dst), "codec": "none", "engine": "dask"}
+        _dask_run(client, **opts, scheduler=cluster.scheduler_address)  # warm-up
+        runs["hpstore --engine dask, 2 workers"] = _dask_run(
+            client, **opts, scheduler=cluster.scheduler_address
+        )
+    shutil.rmtree(dst, ignore_errors=True)
+    for peer, workers in (("datasets", 1), ("litdata", 2)):
+        if not status[peer].startswith("installed"):
+            progress(f"ingest: {peer} skipped: {status[peer]}")
+            continue
+        progress(f"ingest: {peer} on {src.name}")
+        c0 = _children_cpu_s()
+        out = subprocess.run(
+            [
+                str(peers.python()),
+                str(Path(peers.__file__).parent / "convert.py"),
+                peer,
+                str(src),
+                str(dst),
+                str(workers),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if out.returncode != 0:
+            status[peer] += f"; failed: {out.stderr.strip().splitlines()[-1:]}"
+            continue
+        doc = json.loads(out.stdout.strip().splitlines()[-1])
+        runs[f"{peer} ({workers} process{'es' if workers > 1 else ''})"] = {
+            "seconds": doc["seconds"],
+            "cpu_s": _children_cpu_s() - c0,
+            "bytes_in": runs["hpstore single process"]["bytes_in"],
+            "bytes_out": doc["bytes_out"],
+        }
+        shutil.rmtree(dst, ignore_errors=True)
+    base = runs["hpstore single process"]
+    mbps = {k: r["bytes_in"] / 1e6 / r["seconds"] for k, r in runs.items()}
+    extra = {
+        "peers": status,
+        "mb_per_s": mbps,
+        "wall_s": {k: r["seconds"] for k, r in runs.items()},
+        "cpu_s": {
+            k: r["cpu_s"] + r.get("workers_cpu_s", 0) + r.get("scheduler_cpu_s", 0) for k, r in runs.items()
+        },
+        "load_avg_1m": os.getloadavg()[0],
+    }
+    return [
+        Figure(
+            bench="ingest",
+            name=f"{name} converting the 32 MB npy source",
+            unit="MB/s",
+            values=[mbps[name]],
+            baseline="hpstore single-process ingest of the same source (codec none)",
+            baseline_values=[base["bytes_in"] / 1e6 / base["seconds"]],
+            extra=extra,
+        )
+        for name in runs
+        if name != "hpstore single process"
+    ]
 
 
 def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[Figure]:
@@ -261,4 +407,5 @@ def run(cfg: BenchConfig, progress: Progress, npy: Path | None = None) -> list[F
         *commit_figures(cfg, progress),
         memory_figure(cfg, progress),
         *scaling_figures(cfg, progress, npy),
+        *peer_figures(cfg, progress),
     ]

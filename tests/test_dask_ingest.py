@@ -5,8 +5,10 @@ job; sources and destination on the loopback S3 server; bad sources refused with
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,8 +24,13 @@ import pyarrow.parquet as pq
 import pytest
 
 import hpstore
+from hpstore.checksum import crc32c_hex
 from hpstore.format.manifest import MANIFEST_KEY
-from hpstore.format.parts import SplitPlan
+from hpstore.format.parts import FieldPlan, SplitPlan, assemble_split, write_part
+from hpstore.format.writer import Layout, split_geometry
+from hpstore.storage.base import ObjectSink, Storage
+from hpstore.storage.local import LocalStorage
+from hpstore.storage.wrappers import ForwardingStorage
 from tests.support.s3server import SECRET, S3Server, bucket_objects, client_env, s3_server  # noqa: F401
 from tools import ingest
 from tools.partitions import plan_partitions
@@ -212,3 +219,111 @@ def test_csv_is_refused_for_partitions(tmp_path: Path) -> None:
     code = run_ingest(str(csv), str(tmp_path / "dst"), "--engine", "dask", "--workers", "1")
     assert code == 2
     assert not (tmp_path / "dst").exists()
+
+
+def test_partitions_are_bounded_in_bytes_whatever_the_source_size() -> None:
+    # The npy digits layout (28x28 uint8 + int64 label, 792 bytes a row) with the default layout:
+    # a partition is one shard, at most ``shard_bytes`` of source rows for 1 GB as for 1 TB, so
+    # what a task holds does not grow with the source; only the number of partitions does.
+    first = {"image": np.zeros((4, 28, 28), np.uint8), "label": np.zeros(4, np.int64)}
+    layout = Layout()
+    largest = {}
+    for source_bytes in (10**9, 10**12):
+        rows = source_bytes // 792
+        chunk_rows, chunks_per_shard = split_geometry(first, layout, rows)
+        plan = SplitPlan(
+            generation="data-x",
+            split="train",
+            num_samples=rows,
+            chunk_rows=chunk_rows,
+            chunks_per_shard=chunks_per_shard,
+            fields=(
+                FieldPlan(name="image", kind="array", dtype="uint8", shape=(28, 28)),
+                FieldPlan(name="label", kind="array", dtype="int64"),
+            ),
+            codec={"name": "none"},
+            attrs={},
+        )
+        parts = plan_partitions(plan)
+        sizes = [p.rows * 792 for p in parts]
+        assert sum(sizes) == rows * 792
+        assert max(sizes) <= layout.shard_bytes
+        assert len(parts) == math.ceil(rows * 792 / (chunk_rows * chunks_per_shard * 792))
+        largest[source_bytes] = max(sizes)
+    assert largest[10**9] == largest[10**12]
+
+
+class _PieceLog(ForwardingStorage):
+    """A local store that records the size of every piece streamed into an object."""
+
+    def __init__(self, inner: Storage) -> None:
+        super().__init__(inner)
+        self.pieces: dict[str, list[int]] = {}
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        sink = self.inner.open_sink(key, durable=durable)
+        log = self.pieces.setdefault(key, [])
+        write = sink.write
+
+        def logged(data: bytes | memoryview) -> None:
+            log.append(len(data))
+            write(data)
+
+        sink.write = logged  # type: ignore[method-assign]
+        return sink
+
+
+def test_a_part_streams_its_shards_out_chunk_by_chunk(tmp_path: Path) -> None:
+    # 4 shards of 8 chunks of 1000 rows x 64 bytes: no piece a part writes is larger than one
+    # encoded chunk (so a worker never holds a shard), and each object reads back as the shard.
+    data = np.random.default_rng(2).integers(0, 4, (32000, 64), dtype=np.uint8)
+    plan = SplitPlan(
+        generation="data-x",
+        split="train",
+        num_samples=len(data),
+        chunk_rows=1000,
+        chunks_per_shard=8,
+        fields=(FieldPlan(name="x", kind="array", dtype="uint8", shape=(64,), codec={"name": "none"}),),
+        codec={"name": "none"},
+        attrs={},
+    )
+    storage = _PieceLog(LocalStorage(str(tmp_path)))
+    batches = ({"x": data[i : i + 3000]} for i in range(0, len(data), 3000))
+    result = write_part(storage, plan, first_shard=0, num_shards=4, batches=batches, encode_threads=2)
+    assert [k for k, _, _ in result.objects] == sorted(storage.pieces)
+    for key, size, crc in result.objects:
+        assert len(storage.pieces[key]) == 9  # 8 chunks, then the index
+        assert max(storage.pieces[key]) == 1000 * 64 + 4  # a chunk and its CRC32C trailer
+        raw = (tmp_path / key).read_bytes()
+        assert (len(raw), crc32c_hex(raw)) == (size, crc)
+    assert sorted(p.name for p in tmp_path.rglob("*.tmp-*")) == []
+    sa = assemble_split(storage, plan, [result])
+    assert sa[0].num_samples == len(data)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_the_jobs_rows_and_bytes(tmp_path: Path, cluster: Any) -> None:
+    # One bar for the whole job under a real cluster: its last line counts every row and every
+    # source byte exactly once (running totals from the workers, then each partition's result).
+    arr = np.random.default_rng(3).integers(0, 255, (5001, 16, 16), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", arr)
+    term = _Terminal()
+    result = ingest.ingest(
+        ingest.IngestConfig(
+            src=str(tmp_path / "a.npy"),
+            dst=str(tmp_path / "store"),
+            chunk_bytes=4096,
+            shard_bytes=65536,
+            engine="dask",
+            scheduler=cluster.scheduler_address,
+        ),
+        stream=term,
+    )
+    assert (result.samples, result.bytes_in) == (5001, arr.nbytes)
+    last = term.getvalue().replace("\r", "\n").strip().splitlines()[-1]
+    assert "| 5001/5001 [" in last and "rows/s" in last, last
+    assert f"{arr.nbytes / 1e6:.1f} MB" in last, last

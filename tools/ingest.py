@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
@@ -260,13 +261,15 @@ def parse_args(argv: Sequence[str] | None) -> IngestConfig:
 
 
 class _Progress:
-    """A tqdm bar over samples with the source MB/s alongside; off when stderr is not a terminal."""
+    """One tqdm bar for the whole job: rows (of the total, when the sources know it) with the
+    source bytes read so far and their MB/s alongside; off when stderr is not a terminal. Updates
+    come from the ingest loop, or under Dask from each partition's running totals (Dask's event
+    thread) and its result, hence the lock."""
 
     def __init__(self, total: int | None, enabled: bool, stream: TextIO) -> None:
         self.bar = tqdm(
             total=total,
-            unit=" samples",
-            unit_scale=True,
+            unit=" rows",
             file=stream,
             disable=not (enabled and stream.isatty()),
             dynamic_ncols=True,
@@ -274,16 +277,19 @@ class _Progress:
         self.t0 = time.perf_counter()
         self.samples = 0
         self.nbytes = 0
+        self.lock = threading.Lock()
 
     def update(self, samples: int, nbytes: int) -> None:
-        self.samples += samples
-        self.nbytes += nbytes
-        rate = self.nbytes / 1e6 / max(1e-9, time.perf_counter() - self.t0)
-        self.bar.set_postfix_str(f"{rate:.0f} MB/s", refresh=False)
-        self.bar.update(samples)
+        with self.lock:
+            self.samples += samples
+            self.nbytes += nbytes
+            rate = self.nbytes / 1e6 / max(1e-9, time.perf_counter() - self.t0)
+            self.bar.set_postfix_str(f"{self.nbytes / 1e6:.1f} MB, {rate:.0f} MB/s", refresh=False)
+            self.bar.update(samples)
 
     def close(self) -> None:
-        self.bar.close()
+        with self.lock:
+            self.bar.close()
 
 
 @dataclass(frozen=True, kw_only=True)

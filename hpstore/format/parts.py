@@ -18,15 +18,16 @@ what. Nothing here lists the store: the commit takes exactly the results it was 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 
-from hpstore.checksum import crc32c_hex
+from hpstore.checksum import crc32c, crc32c_hex
 from hpstore.errors import InputError
 from hpstore.format import zarr_shard as zf
 from hpstore.format.manifest import ArrowPart, Codec, FieldSpec, ObjectEntry, SplitSpec, shard_key
@@ -124,10 +125,54 @@ def _check(plan: FieldPlan, col: Column, split: str) -> None:
         raise InputError(f"{where}: mixed types {plan.arrow_type} and {got}")
 
 
+class _ShardStream:
+    """One array field's shard on its way out: chunks are encoded on the pool and written to the
+    object's sink in order as they finish, at most ``window`` of them held, then the index. So a
+    part holds a few chunks per field, not a shard (64 MiB): a worker's memory does not grow with
+    the shard size, and the object's bytes are those of ``zarr_shard.encode_shard``."""
+
+    def __init__(self, storage: Storage, key: str, window: int) -> None:
+        self.key = key
+        self.window = max(1, window)
+        self.sink = storage.open_sink(key)
+        self.pending: deque[Future[bytes]] = deque()
+        self.sizes: list[int] = []
+        self.crc = 0
+
+    def add(self, chunk: Future[bytes]) -> None:
+        self.pending.append(chunk)
+        self._drain(self.window)
+
+    def _drain(self, keep: int) -> None:
+        while self.pending and (len(self.pending) > keep or self.pending[0].done()):
+            data = self.pending.popleft().result()
+            self._put(data)
+            self.sizes.append(len(data))
+
+    def _put(self, data: bytes) -> None:
+        self.sink.write(data)
+        self.crc = crc32c(data, self.crc)
+
+    def finish(self, chunks_per_shard: int) -> tuple[str, int, str]:
+        """Write the rest and the index, commit; ``(key, size, crc32c)`` of the object."""
+        self._drain(0)
+        self._put(zf.shard_index(self.sizes, chunks_per_shard))
+        self.sink.commit()
+        return self.key, self.sink.size, f"{self.crc:08x}"
+
+    def abort(self) -> None:
+        for fut in self.pending:
+            fut.cancel()
+        self.pending.clear()
+        self.sink.abort()
+
+
 class _PartWriter:
     """Cuts a part's rows into chunks and writes each completed shard / Arrow part at once."""
 
-    def __init__(self, storage: Storage, plan: SplitPlan, first_shard: int, pool: ThreadPoolExecutor) -> None:
+    def __init__(
+        self, storage: Storage, plan: SplitPlan, first_shard: int, pool: ThreadPoolExecutor, window: int
+    ) -> None:
         self.storage = storage
         self.plan = plan
         self.pool = pool
@@ -135,6 +180,10 @@ class _PartWriter:
         self.buffer: dict[str, list[Column]] = {f.name: [] for f in plan.fields}
         self.buffered = 0
         self.chunks: dict[str, list[Any]] = {f.name: [] for f in plan.fields}
+        """Per field, this shard's chunks: Arrow record batches (variable fields); for arrays a
+        count only, the encoded chunks going out through ``streams`` as they finish."""
+        self.streams: dict[str, _ShardStream] = {}
+        self.window = window
         self.objects: list[tuple[str, int, str]] = []
         self.arrow_parts: list[tuple[str, int, str, tuple[tuple[int, int, str], ...]]] = []
         self.variable_nbytes = {f.name: 0 for f in plan.fields if f.kind == "variable"}
@@ -162,9 +211,12 @@ class _PartWriter:
             self.buffer[f.name] = [rest] if len(rest) else []
             if f.kind == "array":
                 assert f.codec is not None
-                self.chunks[f.name].append(
-                    self.pool.submit(zf.encode_chunk, chunk, self.plan.chunk_rows, f.codec)
-                )
+                stream = self.streams.get(f.name)
+                if stream is None:
+                    key = shard_key(self.plan.path(f.name), self.shard, 1 + len(f.shape))
+                    stream = self.streams[f.name] = _ShardStream(self.storage, key, self.window)
+                stream.add(self.pool.submit(zf.encode_chunk, chunk, self.plan.chunk_rows, f.codec))
+                self.chunks[f.name].append(None)
             else:
                 batch = pa.record_batch([_to_arrow(chunk)], names=[f.name])
                 self.variable_nbytes[f.name] += batch.nbytes
@@ -179,15 +231,20 @@ class _PartWriter:
         for f in self.plan.fields:
             chunks, self.chunks[f.name] = self.chunks[f.name], []
             if f.kind == "array":
-                data = zf.encode_shard([c.result() for c in chunks], self.plan.chunks_per_shard)
-                key = shard_key(self.plan.path(f.name), self.shard, 1 + len(f.shape))
-            else:
-                data, ranges = encode_arrow_part(chunks, self.plan.arrow_compression)
-                key = f"{self.plan.path(f.name)}/part-{self.shard:05d}.arrow"
-                self.arrow_parts.append((f.name, self.shard, key, ranges))
+                self.objects.append(self.streams.pop(f.name).finish(self.plan.chunks_per_shard))
+                continue
+            data, ranges = encode_arrow_part(chunks, self.plan.arrow_compression)
+            key = f"{self.plan.path(f.name)}/part-{self.shard:05d}.arrow"
+            self.arrow_parts.append((f.name, self.shard, key, ranges))
             self.storage.write(key, data)
             self.objects.append((key, len(data), crc32c_hex(data)))
         self.shard += 1
+
+    def abort(self) -> None:
+        """Drop the shards still open: their temp objects go, no key is written."""
+        for stream in self.streams.values():
+            stream.abort()
+        self.streams.clear()
 
     def finish(self) -> None:
         if self.buffered:
@@ -203,28 +260,37 @@ def write_part(
     num_shards: int,
     batches: Iterable[Mapping[str, Column]],
     encode_threads: int = 1,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> PartResult:
     """Write shards ``first_shard .. first_shard + num_shards`` of a split from ``batches`` (exactly
-    the rows of those shards, in order). Idempotent: the same rows give the same keys and bytes."""
+    the rows of those shards, in order). Idempotent: the same rows give the same keys and bytes.
+    ``on_batch(rows, source_bytes)``: called after each batch is taken, with the part's totals so far
+    (progress while a part runs)."""
     start, stop = plan.rows_of(first_shard, num_shards)
     if start >= stop:
         raise InputError(f"split {plan.split!r}: shard {first_shard} is past the end of the split")
     rows = nbytes = 0
     with ThreadPoolExecutor(max(1, encode_threads), thread_name_prefix="hpstore-part") as pool:
-        w = _PartWriter(storage, plan, first_shard, pool)
-        for batch in batches:
-            n = len(next(iter(batch.values())))
-            if rows + n > stop - start:
-                raise InputError(f"split {plan.split!r}: the source has more rows than it said ({stop})")
-            w.append(batch)
-            rows += n
-            nbytes += sum(int(c.nbytes) for c in batch.values())
-        if rows != stop - start:
-            raise InputError(
-                f"split {plan.split!r}: rows {start}..{stop} of the source gave {rows} rows "
-                "(the source changed or is truncated)"
-            )
-        w.finish()
+        w = _PartWriter(storage, plan, first_shard, pool, window=2 * max(1, encode_threads))
+        try:
+            for batch in batches:
+                n = len(next(iter(batch.values())))
+                if rows + n > stop - start:
+                    raise InputError(f"split {plan.split!r}: the source has more rows than it said ({stop})")
+                w.append(batch)
+                rows += n
+                nbytes += sum(int(c.nbytes) for c in batch.values())
+                if on_batch is not None:
+                    on_batch(n, nbytes)
+            if rows != stop - start:
+                raise InputError(
+                    f"split {plan.split!r}: rows {start}..{stop} of the source gave {rows} rows "
+                    "(the source changed or is truncated)"
+                )
+            w.finish()
+        except BaseException:
+            w.abort()
+            raise
     return PartResult(
         split=plan.split,
         first_shard=first_shard,

@@ -135,13 +135,19 @@ def encode_chunk(rows: np.ndarray, chunk_rows: int, codec: Codec) -> bytes:
 
 def encode_shard(encoded_chunks: list[bytes], chunks_per_shard: int) -> bytes:
     """Concatenate encoded chunks and append the shard index (chunks beyond the list are empty)."""
+    return b"".join([*encoded_chunks, shard_index([len(c) for c in encoded_chunks], chunks_per_shard)])
+
+
+def shard_index(sizes: list[int], chunks_per_shard: int) -> bytes:
+    """The index (with its CRC32C) that follows chunks of ``sizes`` bytes, stored back to back from
+    offset 0: what a writer that streams the chunks out appends last."""
     index = np.full((chunks_per_shard, 2), EMPTY, dtype="<u8")
     offset = 0
-    for i, data in enumerate(encoded_chunks):
-        index[i] = (offset, len(data))
-        offset += len(data)
+    for i, n in enumerate(sizes):
+        index[i] = (offset, n)
+        offset += n
     index_bytes = index.tobytes()
-    return b"".join([*encoded_chunks, index_bytes, struct.pack("<I", crc32c(index_bytes))])
+    return index_bytes + struct.pack("<I", crc32c(index_bytes))
 
 
 def parse_index(buf: bytes, chunks_per_shard: int, key: str) -> np.ndarray:

@@ -70,6 +70,30 @@ class Capabilities:
     """``overwrite`` rewrites an existing object's blocks instead of writing a new object."""
 
 
+class ObjectSink:
+    """One object written in pieces: ``write`` each piece in order, then ``commit`` (the object
+    appears, atomically) or ``abort`` (nothing appears). This base keeps the pieces in memory and
+    commits them with one ``Storage.write``; ``size`` counts the bytes written so far."""
+
+    def __init__(self, storage: Storage, key: str, *, durable: bool = True) -> None:
+        self.storage = storage
+        self.key = check_key(key)
+        self.durable = durable
+        self.size = 0
+        self._pieces: list[bytes | memoryview] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._pieces.append(data)
+        self.size += len(data)
+
+    def commit(self) -> None:
+        pieces, self._pieces = self._pieces, []
+        self.storage.write(self.key, b"".join(pieces), durable=self.durable)
+
+    def abort(self) -> None:
+        self._pieces = []
+
+
 class Storage(ABC):
     """Byte I/O under one root. Implementations must be safe to call from many threads."""
 
@@ -117,6 +141,13 @@ class Storage(ABC):
         for many objects that one later durable write (a manifest) commits together. A killed
         process loses nothing either way; only a power loss before ``sync()`` could.
         """
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        """An object written piece by piece (``ObjectSink``), atomic like ``write``: it appears
+        whole at ``commit`` or not at all. Backends override this to stream the pieces out (local
+        files: a temp file renamed at commit), so a writer holds one piece, not the object; this
+        default gathers the pieces and makes one ``write`` at commit."""
+        return ObjectSink(self, key, durable=durable)
 
     def create(self, key: str, data: bytes) -> bool:
         """Write the object only if no object ``key`` exists: True if this call created it, False
@@ -220,6 +251,9 @@ class PrefixStorage(Storage):
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(self._k(key), data, durable=durable)
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        return self.inner.open_sink(self._k(key), durable=durable)
 
     def overwrite(self, key: str, data: bytes | memoryview) -> None:
         self.inner.overwrite(self._k(key), data)

@@ -9,7 +9,7 @@ import uuid
 
 from hpstore.errors import ObjectNotFoundError, StorageError
 from hpstore.storage import direct_io
-from hpstore.storage.base import Capabilities, Storage, StorageStats, check_key
+from hpstore.storage.base import Capabilities, ObjectSink, Storage, StorageStats, check_key
 
 _TEMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -17,6 +17,59 @@ _TEMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
 def _temp_path(path: str) -> str:
     """Where a write of ``path`` lands before its rename or link: never listed as an object."""
     return f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+
+
+class _FileSink(ObjectSink):
+    """Pieces appended to a temp file as they come; ``commit`` fsyncs (``durable``) and renames it
+    to the key, ``abort`` unlinks it. A killed writer leaves only the temp file, never the key."""
+
+    def __init__(self, storage: LocalStorage, key: str, *, durable: bool = True) -> None:
+        super().__init__(storage, key, durable=durable)
+        self.local = storage
+        self.path = storage._path(key)
+        self.tmp = _temp_path(self.path)
+        self.seconds = 0.0
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self.fd: int | None = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except OSError as exc:
+            raise StorageError(f"{storage.url}/{key}: cannot write: {exc.strerror or exc}") from exc
+
+    def write(self, data: bytes | memoryview) -> None:
+        t0 = time.perf_counter()
+        view = memoryview(data).cast("B")
+        try:
+            assert self.fd is not None, "write after commit or abort"
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"{self.local.url}/{self.key}: cannot write: {exc.strerror or exc}") from exc
+        self.size += len(data)
+        self.seconds += time.perf_counter() - t0
+
+    def commit(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            assert self.fd is not None, "commit after commit or abort"
+            if self.durable:
+                os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = None
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self.abort()
+            raise StorageError(f"{self.local.url}/{self.key}: cannot write: {exc.strerror or exc}") from exc
+        self.local._count_write(self.size, 0, t0 - self.seconds)
+
+    def abort(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
 
 
 class LocalStorage(Storage):
@@ -110,6 +163,9 @@ class LocalStorage(Storage):
                 pass
             raise StorageError(f"{self.url}/{key}: cannot write: {exc.strerror or exc}") from exc
         self._count_write(len(data), direct, t0)
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        return _FileSink(self, key, durable=durable)
 
     def create(self, key: str, data: bytes) -> bool:
         """Exclusive create: the bytes go to a temp file, which is then hard-linked to the key;

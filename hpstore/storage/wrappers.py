@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from hpstore.errors import HpstoreError, StorageError
-from hpstore.storage.base import Capabilities, Range, Storage, raise_first
+from hpstore.storage.base import Capabilities, ObjectSink, Range, Storage, raise_first
 from hpstore.storage.failures import RetryPolicy, is_transient
 
 __all__ = ["ForwardingStorage", "LatencyStorage", "RetryPolicy", "RetryingStorage", "is_transient"]
@@ -53,6 +53,9 @@ class ForwardingStorage(Storage):
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(key, data, durable=durable)
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        return self.inner.open_sink(key, durable=durable)
 
     def create(self, key: str, data: bytes) -> bool:
         return self.inner.create(key, data)
@@ -155,6 +158,11 @@ class RetryingStorage(ForwardingStorage):
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self._call("write", key, lambda: self.inner.write(key, data, durable=durable))
+
+    def open_sink(self, key: str, *, durable: bool = True) -> ObjectSink:
+        # A stream cannot be replayed after a failed request: the pieces are kept and committed
+        # with one retried ``write``.
+        return ObjectSink(self, key, durable=durable)
 
     def create(self, key: str, data: bytes) -> bool:
         # A retried create whose first attempt landed answers False: the caller reads the object

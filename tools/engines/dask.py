@@ -20,6 +20,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +39,11 @@ from tools.sources.base import Batch, Source, Split
 from tools.sources.prefetch import prefetched
 
 Progress = Callable[[int, int], None]
-"""``progress(rows, source_bytes)``: called on the client as each partition completes."""
+"""``progress(rows, source_bytes)``: increments, called on the client while partitions run (from
+Dask's event thread too: the callee must be thread-safe) and as each one completes."""
+
+REPORT_SECONDS = 0.25
+"""A task reports its rows and bytes so far at most this often (one small scheduler event each)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,12 +103,16 @@ def write_partition(
     storage_options: Mapping[str, Any],
     threads: int,
     head: Batch | None = None,
+    topic: str | None = None,
 ) -> PartResult:
     """One task: rows of ``part`` from the source, encoded into its shards under the generation.
 
     ``head``: when appending, the committed rows of the split's partial last shard, which the
-    first partition writes again ahead of the source's rows (``hpstore.format.append``)."""
+    first partition writes again ahead of the source's rows (``hpstore.format.append``).
+    ``topic``: the Dask event topic its progress goes to while it runs (``[split, index, rows,
+    bytes]``, totals of this partition so far), so the client's bar moves within a partition."""
     storage = open_storage(storage_url, storage_options)
+    on_batch = _reporter(topic, part) if topic is not None else None
     lo = max(part.start, plan.source_start) - plan.source_start
     rows = read_rows(source, lo, part.stop - plan.source_start)
     batches = prefetched(itertools.chain([head] if head is not None else [], rows))
@@ -114,9 +124,60 @@ def write_partition(
             num_shards=part.num_shards,
             batches=batches,
             encode_threads=threads,
+            on_batch=on_batch,
         )
     finally:
         batches.close()
+
+
+def _reporter(topic: str, part: Partition) -> Callable[[int, int], None] | None:
+    """``on_batch`` for ``write_part`` inside a Dask worker: a throttled event to ``topic``."""
+    try:
+        from distributed import get_worker
+
+        worker = get_worker()
+    except (ImportError, ValueError):  # not running inside a worker
+        return None
+    last = -REPORT_SECONDS
+
+    def report(rows: int, nbytes: int) -> None:
+        nonlocal last
+        now = time.monotonic()
+        if now - last >= REPORT_SECONDS:
+            last = now
+            worker.log_event(topic, [part.split, part.index, rows, nbytes])
+
+    return report
+
+
+class _Tally:
+    """The job's rows and bytes from partitions' running totals, as increments for ``progress``.
+
+    A partition counts the largest totals seen for it: a task Dask retries after its worker died
+    starts again from zero and is not counted twice, and an event arriving after the partition's
+    result changes nothing; the result's totals (the most a partition reaches) close it exactly.
+    Rows rewritten ahead of an append (``head``) are not source rows and are taken out."""
+
+    def __init__(self, progress: Progress, heads: Mapping[str, Batch | None]) -> None:
+        self.progress = progress
+        self.head = {split: (_rows(b), _nbytes(b)) for split, b in heads.items()}
+        self.seen: dict[tuple[str, int], tuple[int, int]] = {}
+        self.lock = threading.Lock()
+
+    def running(self, split: str, index: int, rows: int, nbytes: int) -> None:
+        if index == 0:
+            rows, nbytes = max(0, rows - self.head[split][0]), max(0, nbytes - self.head[split][1])
+        with self.lock:
+            old_rows, old_bytes = self.seen.get((split, index), (0, 0))
+            new = (max(rows, old_rows), max(nbytes, old_bytes))
+            self.seen[(split, index)] = new
+            if new != (old_rows, old_bytes):
+                self.progress(new[0] - old_rows, new[1] - old_bytes)
+
+    def event(self, event: tuple[float, Any]) -> None:
+        """``Client.subscribe_topic`` handler: ``(time, [split, index, rows, bytes])``."""
+        split, index, rows, nbytes = event[1]
+        self.running(str(split), int(index), int(rows), int(nbytes))
 
 
 def _head(writer: StoreWriter, split: str) -> Batch | None:
@@ -129,6 +190,10 @@ def _head(writer: StoreWriter, split: str) -> Batch | None:
 
 def _rows(batch: Batch | None) -> int:
     return 0 if batch is None else len(next(iter(batch.values())))
+
+
+def _nbytes(batch: Batch | None) -> int:
+    return 0 if batch is None else sum(int(c.nbytes) for c in batch.values())
 
 
 def remove_strays(storage: Storage, generation: str, keep: set[str]) -> int:
@@ -167,7 +232,6 @@ def run(
         for s in splits
     ]
     heads = {plan.split: _head(writer, plan.split) for plan in plans}
-    first = {plan.split: plan.first_shard for plan in plans}
     work = [
         (s, plan, p)
         for s, plan in zip(splits, plans, strict=True)
@@ -175,7 +239,11 @@ def run(
     ]
     results: dict[str, list[PartResult]] = {plan.split: [] for plan in plans}
     distributed = _import_distributed()
+    tally = _Tally(progress, heads)
+    topic = f"hpstore-progress-{writer.generation}"
+    index = {(p.split, p.first_shard): p.index for _, _, p in work}
     with _client(opts) as client:
+        client.subscribe_topic(topic, tally.event)
         # Sources travel inside each task, not scattered: scattered data lives on one worker and
         # dies with it, and a task whose input is gone is cancelled instead of rescheduled.
         futures = [
@@ -188,6 +256,7 @@ def run(
                 dict(storage_options),
                 opts.threads,
                 heads[p.split] if p.index == 0 else None,
+                topic,
                 key=f"hpstore-{writer.generation}-{p.split}-{p.index:06d}",
                 pure=False,
             )
@@ -197,9 +266,9 @@ def run(
             for fut in distributed.as_completed(futures):
                 r: PartResult = fut.result()
                 results[r.split].append(r)
-                rewritten = _rows(heads[r.split]) if r.first_shard == first[r.split] else 0
-                progress(r.rows - rewritten, r.source_bytes)
+                tally.running(r.split, index[(r.split, r.first_shard)], r.rows, r.source_bytes)
         finally:
+            client.unsubscribe_topic(topic)
             client.cancel(futures)
     # Workers are gone (LocalCluster) or idle: nothing writes into the generation any more.
     keep: set[str] = set()
