@@ -33,8 +33,13 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
+# Two test processes, one test file each at a time: most of the suite's wall time is subprocesses
+# importing torch and waiting on each other (torchrun jobs, S3 round trips), which the second
+# process overlaps; a file's module-scoped fixtures stay in one process.
+PYTEST_WORKERS ?= 2
+
 pytest: venv
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 test: lint typecheck pytest
 
