@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hpstore.errors import InputError
+from hpstore.loading import plan as plan_module
 from hpstore.loading.plan import EpochPlan, PlanSpec, assign, chunk_order
 
 specs = st.builds(
@@ -187,6 +190,13 @@ def counts(batches: list[np.ndarray], n: int) -> np.ndarray:
 def test_with_a_ramp_every_sample_once_equal_steps_and_resumable(
     spec: PlanSpec, epoch: int, data: st.DataObject
 ) -> None:
+    # The cap on the first window's rows, lowered so that it binds at these sizes too.
+    cap = data.draw(st.sampled_from([plan_module.FIRST_WINDOW_ROWS, 1, 7, 100]))
+    with mock.patch.object(plan_module, "FIRST_WINDOW_ROWS", cap):
+        check_ramp(spec, epoch, data)
+
+
+def check_ramp(spec: PlanSpec, epoch: int, data: st.DataObject) -> None:
     per_rank = [batches_of(EpochPlan(spec, epoch, r)) for r in range(spec.world_size)]
     sizes = [[len(b) for b in bs] for bs in per_rank]
     assert all(s == sizes[0] for s in sizes) and len(sizes[0]) == spec.steps_per_epoch
@@ -297,3 +307,22 @@ def test_chunks_by_window_lists_what_each_window_reads(
     first = data.draw(st.integers(0, plan.num_windows))
     want = [plan.window_chunks(j) for j in range(first, plan.num_windows)]
     assert plan.chunks_by_window(first) == want
+
+
+def test_the_first_window_is_small_even_when_one_chunk_holds_millions_of_rows() -> None:
+    # One-byte samples: a 1 MiB chunk holds 2^20 rows. The ramp starts at FIRST_WINDOW_ROWS rows and
+    # doubles up to the full window; with ordinary chunks (fewer rows) it starts at one chunk.
+    from hpstore.loading.plan import FIRST_WINDOW_ROWS
+
+    tiny = PlanSpec(
+        num_samples=10**9, chunk_rows=1 << 20, batch_size=256, window_chunks=16, first_window_chunks=1
+    )
+    assert tiny.ramp[0] * 256 == FIRST_WINDOW_ROWS
+    assert [b * 2 for b in tiny.ramp[:-1]] == list(tiny.ramp[1:]) and tiny.ramp[-1] < tiny.batches_per_window
+    plan = EpochPlan(tiny, 3, 0)
+    assert plan.window_bounds(0) == (0, FIRST_WINDOW_ROWS)
+    assert len(plan.window(0).order) == FIRST_WINDOW_ROWS  # the permutation a first batch waits for
+    digits = PlanSpec(
+        num_samples=60_000, chunk_rows=1337, batch_size=256, window_chunks=16, first_window_chunks=1
+    )
+    assert digits.ramp[0] == math.ceil(1337 / 256)

@@ -56,7 +56,9 @@ Ramp (``first_window_chunks``). The first windows of an epoch may be smaller, do
 one or two chunks instead of a whole window (measured on 28×28 digits: 67 ms for a 16-chunk window
 against a few ms), and the prefetch threads are ahead before the full windows start. Those first
 windows mix fewer chunks (see the table below), which the loader accepts for its first
-``~2·window_chunks`` chunks of each epoch.
+``~2·window_chunks`` chunks of each epoch. The first window holds at most ``FIRST_WINDOW_ROWS``
+rows whatever the chunks hold: with one-byte samples a 1 MiB chunk holds a million rows, whose
+permutation alone would take longer than the first batch may.
 
 Cost. Everything above is computed from per-chunk row counts: the chunk order, the rank spans and
 the window boundaries are arrays over chunks (``O(num_chunks)``, recomputed per epoch in
@@ -93,6 +95,10 @@ from functools import cached_property
 import numpy as np
 
 from hpstore.errors import InputError
+
+FIRST_WINDOW_ROWS = 1 << 16
+"""Most rows of an epoch's first window (the ramp's start), whatever ``first_window_chunks`` chunks
+hold: a permutation of 65,536 rows takes about a millisecond, one of a million about 15 ms."""
 
 History = tuple[tuple[int, int], ...]
 """``(world_size, step)`` of each earlier run of an epoch, oldest first (see *Elastic resume*)."""
@@ -168,10 +174,11 @@ class PlanSpec:
         """Batches of each window of the ramp (those smaller than full size), in order."""
         if self.first_window_chunks is None:
             return ()
-        full, out, c = self.batches_per_window, [], self.first_window_chunks
-        while (b := self._batches_of(c)) < full:
+        full, out = self.batches_per_window, []
+        rows = min(self.first_window_chunks * self.chunk_rows, FIRST_WINDOW_ROWS)
+        while (b := max(1, math.ceil(rows / self.batch_size))) < full:
             out.append(b)
-            c *= 2
+            rows *= 2
         return tuple(out)
 
     @property
