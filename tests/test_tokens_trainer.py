@@ -47,3 +47,45 @@ def test_gpt_trains_on_two_ranks_with_validation(tmp_path: Path) -> None:
     assert summary["samples"] == 6 * 2 * 8 * 64
     assert 0 < summary["eval_loss"] < 5.6  # below uniform over 257 ids (ln 257 = 5.55) after 6 steps
     assert summary["data_wait_frac"] is not None
+
+
+def test_gpt_attention_never_crosses_documents_of_a_packed_window(tmp_path: Path) -> None:
+    """A window packing two real documents gives, token for token, the logits of each document
+    run alone: block-diagonal attention and positions restarting at the second document."""
+    import numpy as np
+    import torch
+
+    import hpstore
+    from trainer.lm import GPT
+    from trainer.task import Task
+
+    docs = [p.strip() for f in sorted(TEXT.glob("*.txt")) for p in f.read_text().split("\n\n") if p.strip()]
+    src = tmp_path / "docs.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    store = tmp_path / "store"
+    assert ingest_main([str(src), str(store), "--tokenizer", "byte", "--no-progress"]) == 0
+    seq = 128
+    view = hpstore.open(str(store)).split("train").windows("tokens", seq, respect_documents=True)
+    lengths = view.lengths(np.arange(len(view)))
+    assert lengths is not None
+    batch = next(iter(hpstore.Loader(view, len(view), shuffle=False)))
+    ids = batch["doc_ids"].numpy()
+    k = next(k for k in range(len(view)) if ids[k, : lengths[k]].max() == 1)  # exactly two documents
+    tokens = batch["tokens"][k : k + 1, :-1].int()
+    seg = batch["doc_ids"][k : k + 1, :-1]
+    cut = int((ids[k] == 0).sum())
+    n = int(lengths[k]) - 1
+    torch.manual_seed(0)
+    task = Task(
+        input_field="tokens", target_field="tokens", input_shape=(seq,), input_dtype="uint16",
+        num_classes=257, class_names=None, scale=1.0, mean=0.0, std=1.0,
+    )  # fmt: skip
+    model = GPT(task, layers=2, heads=2, width=32).eval()
+    with torch.no_grad():
+        packed = model(tokens, seg)[:n]
+        first = model(tokens[:, :cut])
+        second = model(tokens[:, cut:n])
+        crossing = model(tokens)[:n]  # plain causal attention over the whole window
+    torch.testing.assert_close(packed[:cut], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed[cut:], second, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(crossing[cut:], second, atol=1e-3)  # without segments it would cross

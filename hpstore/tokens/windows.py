@@ -17,7 +17,12 @@ Two kinds of window:
 - **Documents** (``respect_documents=True``): windows start at a document start and hold whole
   documents, greedily packed in stream order while they fit; a document longer than a window is
   cut into window-sized pieces. The rest of a window is padding (the end-of-document id) and the
-  batch carries ``loss_mask`` (bool ``[B, seq_len]``: whether target ``j`` is a real token).
+  batch carries ``loss_mask`` (bool ``[B, seq_len]``: whether target ``j`` is a real token) and
+  ``doc_ids`` (int32 ``[B, seq_len + 1]``: which document of the window token ``j`` belongs to,
+  0 for the first, +1 at each document start inside the window, padding one segment more), what
+  packed-sequence training needs for block-diagonal attention and positions that restart per
+  document (``cu_seqlens`` are where ``doc_ids`` steps). A piece of a document cut across windows
+  is segment 0 of its next window: its positions restart there, as in any packed trainer.
 
 How the loader reads it. The plan (``hpstore.loading.plan``) deals windows exactly as it deals
 rows: it sees ``len(view)`` samples in *plan chunks* of ``spec.chunk_rows`` consecutive windows
@@ -55,6 +60,8 @@ if TYPE_CHECKING:
 
 LOSS_MASK = "loss_mask"
 """Batch key of the target mask of document-respecting windows."""
+DOC_IDS = "doc_ids"
+"""Batch key of the per-token document segment of document-respecting windows."""
 
 
 def pack_documents(offsets: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -107,8 +114,10 @@ class TokenWindows:
         self._starts: np.ndarray | None = None
         self._phases: dict[tuple[int, int], int] = {}
         self._lengths: np.ndarray | None = None
+        self._offsets: np.ndarray | None = None
         if self.respect_documents:
-            self._starts, self._lengths = pack_documents(self._document_offsets(), self.width)
+            self._offsets = self._document_offsets()
+            self._starts, self._lengths = pack_documents(self._offsets, self.width)
             n = len(self._starts)
         elif self.shift:
             n = max(0, (self.num_tokens - seq_len) // seq_len)
@@ -191,9 +200,11 @@ class TokenWindows:
         decoded = dict(zip(chunks, self.reader.read(self.field, chunks), strict=True))
         out = np.empty((len(idx), self.width), dtype=self.dtype)
         result = {self.field: out}
-        mask = self.gather(starts, self.lengths(idx), decoded.__getitem__, out)
-        if mask is not None:
+        lengths = self.lengths(idx)
+        mask = self.gather(starts, lengths, decoded.__getitem__, out)
+        if mask is not None and lengths is not None:
             result[LOSS_MASK] = mask
+            result[DOC_IDS] = self.segments(starts, lengths, np.empty((len(idx), self.width), np.int32))
         return result
 
     def __getitem__(self, key: int | slice | Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
@@ -243,17 +254,43 @@ class TokenWindows:
         idx = window.indices()
         starts = self.starts(idx, seed=plan.spec.seed, epoch=plan.epoch)
         out = take((len(idx), self.width), self.dtype)
-        mask = self.gather(starts, self.lengths(idx), lambda c: chunk_of(self.field, c), out.numpy())
+        lengths = self.lengths(idx)
+        mask = self.gather(starts, lengths, lambda c: chunk_of(self.field, c), out.numpy())
         columns: dict[str, Any] = {self.field: out}
-        if mask is not None:
+        if mask is not None and lengths is not None:
             m = take(mask.shape, mask.dtype)
             m.numpy()[:] = mask
             columns[LOSS_MASK] = m
+            d = take((len(idx), self.width), np.dtype(np.int32))
+            self.segments(starts, lengths, d.numpy())
+            columns[DOC_IDS] = d
         index = None
         if with_index:
             index = take(idx.shape, idx.dtype)
             index.numpy()[:] = idx
         return _WindowBatches(window, columns, index=index, pin=pin)
+
+    def segments(self, starts: np.ndarray, lengths: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """``out[k, j]``: the document of window ``k``'s token ``j`` (``starts[k] + j``), counted
+        from 0 in the window; padding past ``lengths[k]`` is one segment after the last document.
+        Vectorised over every document boundary inside the windows (one mark each, then one
+        cumulative sum over the rows)."""
+        assert self._offsets is not None
+        offs = self._offsets
+        n = len(starts)
+        out[:] = 0
+        if not n:
+            return out
+        ends = starts + lengths
+        lo = np.searchsorted(offs, starts, side="right")  # first document start after each window's start
+        counts = np.searchsorted(offs, ends, side="left") - lo  # document starts inside the window
+        rows = np.repeat(np.arange(n), counts)
+        within = np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        out[rows, offs[np.repeat(lo, counts) + within] - starts[rows]] = 1
+        padded = np.flatnonzero(lengths < self.width)
+        out[padded, lengths[padded]] = 1
+        np.cumsum(out, axis=1, out=out)
+        return out
 
     def _document_offsets(self) -> np.ndarray:
         """Where each document starts, and the stream's end (the ``<split>.docs`` split)."""
