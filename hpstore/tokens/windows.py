@@ -389,10 +389,13 @@ def _gather_runs(
     Grid windows sorted by start form long runs ``s, s + step, s + 2·step, ...`` inside one chunk; a
     run is a strided view of that chunk (``width`` tokens every ``step``), scattered into its output
     rows by one fancy-indexed assignment (numpy walks the strided source row by row: no
-    temporary). Measured on 2 cores under contention: 1.56 GB/s against 1.77 GB/s for a plain copy,
-    where laying the chunks end to end first and ``index_select``-ing from that (two copies) ran
-    0.54 GB/s. Rows that straddle chunks (at most one per chunk boundary) are copied piece by
-    piece; arbitrary starts simply make runs of one."""
+    temporary). Both sides are seen as one opaque item per row (a ``width × itemsize``-byte void
+    dtype), so numpy moves each row with one ``memcpy`` instead of an element loop: measured
+    1.9× faster (7.3 against 3.8 GB/s of CPU time for 2,376 rows of 1,025 uint16, where a
+    plain ``np.copyto`` of as many bytes ran 10.1 GB/s); laying the chunks end to end first and
+    ``index_select``-ing from that (two copies) ran 3× slower than the element loop. Rows that
+    straddle chunks (at most one per chunk boundary) are copied piece by piece; arbitrary starts
+    simply make runs of one."""
     n = len(starts)
     order = np.argsort(starts, kind="stable")
     s = starts[order]
@@ -404,6 +407,8 @@ def _gather_runs(
     heads = np.flatnonzero(joins)
     ends = np.append(heads[1:], n)
     item = out.dtype.itemsize
+    row = np.dtype((np.void, width * item))
+    rows = out.view(row).reshape(len(out)) if out.flags.c_contiguous else None
     for a, b, c, ok in zip(
         heads.tolist(), ends.tolist(), first[heads].tolist(), inside[heads].tolist(), strict=True
     ):
@@ -413,11 +418,14 @@ def _gather_runs(
             _copy_across(int(s[a]), width, chunk_tokens, chunk_of, out[order[a]])
         elif b - a == 1:
             out[order[a]] = arr[off : off + width]
+        elif rows is not None and arr.flags.c_contiguous:
+            src = np.ndarray((b - a,), dtype=row, buffer=arr, offset=off * item, strides=(step * item,))
+            rows[order[a:b]] = src
         else:
-            src = np.lib.stride_tricks.as_strided(
+            strided = np.lib.stride_tricks.as_strided(
                 arr[off:], shape=(b - a, width), strides=(step * item, item), writeable=False
             )
-            out[order[a:b]] = src
+            out[order[a:b]] = strided
 
 
 def _copy_across(
