@@ -113,6 +113,7 @@ class TokenWindows:
         self.shift = bool(shift) and not self.respect_documents
         self._starts: np.ndarray | None = None
         self._phases: dict[tuple[int, int], int] = {}
+        self._stored: dict[tuple[int, tuple[int, ...]], list[int]] = {}
         self._lengths: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
         if self.respect_documents:
@@ -224,7 +225,20 @@ class TokenWindows:
     # -- the loader's hooks ----------------------------------------------------------------------
 
     def stored_chunks(self, plan: EpochPlan, chunks: Sequence[int]) -> list[int]:
-        """Token chunks read by the windows of plan chunks ``chunks``, in order of first use."""
+        """Token chunks read by the windows of plan chunks ``chunks``, in order of first use.
+
+        Memoised per (grid phase, chunks): the loader asks for every window of an epoch when
+        the epoch starts (and for the next epoch's, to plan the cache), then again as it builds
+        each window."""
+        key = (self.phase(plan.spec.seed, plan.epoch), tuple(chunks))
+        found = self._stored.get(key)
+        if found is None:
+            if len(self._stored) >= 4096:  # a few epochs' worth of windows
+                self._stored.clear()
+            found = self._stored[key] = self._stored_chunks(plan, chunks)
+        return list(found)
+
+    def _stored_chunks(self, plan: EpochPlan, chunks: Sequence[int]) -> list[int]:
         if not len(chunks):
             return []
         rows = self.spec.chunk_rows
@@ -369,8 +383,12 @@ class _WindowBatches(WindowRows):
         parts = {name: col.split(size) for name, col in columns.items()}
         if index is not None:
             parts["index"] = index.split(size)
-        names = list(parts)
-        self._batches = [dict(zip(names, views, strict=True)) for views in zip(*parts.values(), strict=True)]
+        if len(parts) == 1:  # the usual case (grid windows, no index): one small dict per batch
+            ((name, views),) = parts.items()
+            self._batches = [{name: v} for v in views]
+        else:
+            names = list(parts)
+            self._batches = [dict(zip(names, v, strict=True)) for v in zip(*parts.values(), strict=True)]
 
     def batch(self, k: int) -> dict[str, Any]:
         return dict(self._batches[k])
