@@ -106,8 +106,18 @@ def test_gpt_under_fsdp_on_packed_windows_resumes_bit_exact(tmp_path: Path) -> N
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     store = tmp_path / "store"
-    assert ingest_main([str(src), str(store), "--tokenizer", "byte", "--holdout", "0.1", "--no-progress"]) == 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "trainer"]
+    assert (
+        ingest_main([str(src), str(store), "--tokenizer", "byte", "--holdout", "0.1", "--no-progress"]) == 0
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+        "trainer",
+    ]
     args = ["--data", str(store), "--model", "gpt", "--seq-len", "64", "--batch-size", "4", "--gpt-layers", "1",
             "--gpt-width", "32", "--gpt-heads", "2", "--max-steps", "4", "--log-every", "1", "--workers", "1",
             "--parallel", "fsdp", "--respect-documents", "--ckpt-every", "2", "--seed", "5"]  # fmt: skip
