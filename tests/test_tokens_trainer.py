@@ -91,16 +91,51 @@ def test_gpt_attention_never_crosses_documents_of_a_packed_window(tmp_path: Path
     assert not torch.allclose(crossing[cut:], second, atol=1e-3)  # without segments it would cross
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _fsdp_rank(rank: int, args: list[str], a: str, b: str, ports: list[int], out: str) -> None:
+    """One of 2 gloo ranks (``torch.multiprocessing``): the run to step 4 into ``a``, then, in the
+    same process (one start-up instead of two torchrun launches), a resume from ``a``'s step 2 in
+    ``b``. Each run is a whole ``python -m trainer`` main() with its own process group."""
+    import shutil
+    import time
+
+    import torch
+
+    from hpstore.checkpoint.plan import step_prefix
+    from trainer.__main__ import main
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(ports[0]), CUDA_VISIBLE_DEVICES="")
+    if main([*args, "--ckpt", a, "--metrics", f"{out}/m.jsonl"]) != 0:
+        raise SystemExit(f"rank {rank}: the first run failed")
+    ready = Path(out) / "copied"
+    if rank == 0:  # the checkpoints as a run killed right after committing step 2 leaves them
+        shutil.copytree(a, b)
+        shutil.rmtree(Path(b) / step_prefix(4))
+        ready.touch()
+    while not ready.exists():
+        time.sleep(0.05)
+    os.environ["MASTER_PORT"] = str(ports[1])
+    if main([*args, "--ckpt", b, "--resume", "--metrics", f"{out}/m2.jsonl"]) != 0:
+        raise SystemExit(f"rank {rank}: the resumed run failed")
+
+
 def test_gpt_under_fsdp_on_packed_windows_resumes_bit_exact(tmp_path: Path) -> None:
     """``--model gpt --parallel fsdp --respect-documents`` on 2 gloo ranks: the tied embedding /
     output layer is sharded once (in the root group), 4 steps with a sharded checkpoint every 2;
     a resume from step 2 ends bit for bit where the uninterrupted run ends."""
-    import shutil
-
     import torch
+    import torch.multiprocessing as mp
 
     from hpstore.checkpoint import Checkpointer
-    from hpstore.checkpoint.plan import step_prefix
 
     docs = [p.strip() for f in sorted(TEXT.glob("*.txt")) for p in f.read_text().split("\n\n") if p.strip()]
     src = tmp_path / "docs.jsonl"
@@ -109,33 +144,16 @@ def test_gpt_under_fsdp_on_packed_windows_resumes_bit_exact(tmp_path: Path) -> N
     assert (
         ingest_main([str(src), str(store), "--tokenizer", "byte", "--holdout", "0.1", "--no-progress"]) == 0
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node=2",
-        "-m",
-        "trainer",
-    ]
     args = ["--data", str(store), "--model", "gpt", "--seq-len", "64", "--batch-size", "4", "--gpt-layers", "1",
             "--gpt-width", "32", "--gpt-heads", "2", "--max-steps", "4", "--log-every", "1", "--workers", "1",
             "--parallel", "fsdp", "--respect-documents", "--ckpt-every", "2", "--seed", "5"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    a = tmp_path / "a"
-    proc = subprocess.run(cmd + args + ["--ckpt", str(a), "--metrics", str(tmp_path / "m.jsonl")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "gpt (" in proc.stdout and "fsdp" in proc.stdout
+    a, b = tmp_path / "a", tmp_path / "b"
+    ports = [_free_port(), _free_port()]
+    mp.spawn(_fsdp_rank, args=(args, str(a), str(b), ports, str(tmp_path)), nprocs=2, join=True)
     summary = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()][-1]
     assert summary["steps"] == 4 and 0 < summary["eval_loss"] < 5.6
-    b = tmp_path / "b"
-    shutil.copytree(a, b)
-    shutil.rmtree(b / step_prefix(4).rstrip("/"))  # as a run killed right after committing step 2 leaves it
-    proc = subprocess.run(cmd + args + ["--ckpt", str(b), "--resume"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "continuing from" in proc.stdout
+    resumed = [json.loads(line) for line in (tmp_path / "m2.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed if r["kind"] == "train"] == [3, 4]  # it continued from step 2
     one, two = (Checkpointer(str(d)).load(step=4) for d in (a, b))
     assert one["progress"] == two["progress"]
     model = one["model"]
