@@ -346,3 +346,33 @@ def test_windows_stream_from_s3_by_byte_ranges(s3_server: S3Server, byte_store: 
     # Byte-range reads of single chunks: no shard is fetched whole for one window.
     assert stats["read_requests"] > len(remote.store.manifest.objects)
     assert stats["bytes_read"] < 3 * shard_bytes
+
+
+def test_packed_windows_carry_document_ids_that_match_the_offsets(tmp_path: Path) -> None:
+    src = tmp_path / "paragraphs.jsonl"  # real documents of 1-2000 bytes: windows pack several
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in paragraphs()))
+    assert ingest(src, tmp_path / "store", "--tokenizer", "byte", "--chunk-bytes", "4K") == 0
+    store = hpstore.open(str(tmp_path / "store"))
+    ds = store.split("train")
+    docs = store.split("train.docs")
+    offsets = docs.read(np.arange(len(docs)))["offsets"]
+    seq = 256
+    view: TokenWindows = ds.windows("tokens", seq, respect_documents=True)
+    loader = hpstore.Loader(view, 32, seed=3, with_index=True, num_workers=1)
+    several = 0
+    for batch in loader:
+        idx = batch["index"].numpy()
+        ids = batch["doc_ids"].numpy()
+        assert ids.dtype == np.int32 and ids.shape == (len(idx), seq + 1)
+        starts, lengths = view.starts(idx), view.lengths(idx)
+        assert lengths is not None
+        for k in range(len(idx)):
+            s, n = int(starts[k]), int(lengths[k])
+            # The document of each real token, counted from the window's first one.
+            want = np.searchsorted(offsets, np.arange(s, s + n), side="right") - 1
+            assert np.array_equal(ids[k, :n], want - want[0])
+            assert (ids[k, n:] == want[-1] - want[0] + 1).all()  # padding: one segment more
+            several += int(want[-1] > want[0])
+        # The same rows by index (``view[idx]``) as from the loader.
+        assert np.array_equal(view[idx]["doc_ids"], ids)
+    assert several > 10  # many windows pack two or more documents

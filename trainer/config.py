@@ -226,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--gpt-heads", type=int, default=d.gpt_heads)
     g.add_argument("--gpt-width", type=int, default=d.gpt_width)
     g.add_argument(
-        "--respect-documents", action="store_true", help="windows hold whole documents (padding + loss mask)"
+        "--respect-documents",
+        action="store_true",
+        help="windows hold whole documents (padding + loss mask); attention and positions stay within each document",
     )
     p.add_argument(
         "--image-size",

@@ -21,6 +21,7 @@ class Batch:
     y: torch.Tensor
     index: torch.Tensor | None  # global sample indices, when the loader provides them
     wait_s: float  # seconds blocked in next(loader) for this batch
+    segments: torch.Tensor | None = None  # per-token document ids of packed windows ([B, T], gpt)
 
     @property
     def size(self) -> int:

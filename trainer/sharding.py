@@ -1,7 +1,9 @@
 """``--parallel fsdp``: the model's parameters, gradients and optimizer state split across ranks.
 
 Every module that owns parameters (each ``Linear`` and ``Conv2d`` of the models: the "blocks" of
-these small networks) is wrapped with torch's FSDP2 ``fully_shard``, then the root: each rank
+these small networks) is wrapped with torch's FSDP2 ``fully_shard``, then the root (which takes the
+modules whose parameters are tied to another module's, such as the GPT's token embedding and
+output layer: FSDP2 refuses one parameter in two groups): each rank
 keeps ``ceil(n / W)`` rows of every parameter (``Shard(0)`` DTensors), all-gathers a block's
 parameters just before its forward and backward, and reduce-scatters its gradients, so the
 optimizer (created after wrapping) holds Adam moments only for the local rows. Gloo on CPU, NCCL on
@@ -28,8 +30,13 @@ from trainer.distributed import Dist
 def wrap_fsdp(model: nn.Module, dist: Dist) -> nn.Module:
     """Shard ``model`` in place over all ranks (the process group must be initialised)."""
     mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
     for module in list(model.modules()):
-        if module is not model and any(True for _ in module.parameters(recurse=False)):
+        own = list(module.parameters(recurse=False))
+        if module is not model and own and all(owners[id(p)] == 1 for p in own):
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model

@@ -290,7 +290,7 @@ class Trainer:
 
     def _step(self, batch: Batch) -> None:
         with self._autocast():
-            logits = self.net(batch.x)
+            logits = self.net(batch.x) if batch.segments is None else self.net(batch.x, batch.segments)
         loss = F.cross_entropy(logits.float(), batch.y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

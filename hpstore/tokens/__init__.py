@@ -8,6 +8,7 @@ from typing import Any
 from hpstore.tokens.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, token_dtype
 
 __all__ = [
+    "DOC_IDS",
     "LOSS_MASK",
     "ByteTokenizer",
     "HFTokenizer",
@@ -17,7 +18,7 @@ __all__ = [
     "token_dtype",
 ]
 
-_WINDOWS = ("LOSS_MASK", "TokenWindows", "pack_documents")
+_WINDOWS = ("DOC_IDS", "LOSS_MASK", "TokenWindows", "pack_documents")
 
 
 def __getattr__(name: str) -> Any:
