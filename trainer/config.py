@@ -49,6 +49,8 @@ class TrainConfig:
     amp: AmpName = "none"
     parallel: ParallelName = "ddp"
     workers: int = TRAINER_LOADER.num_workers
+    worker_kind: str = TRAINER_LOADER.workers
+    """What the training loader's ``--workers`` are (``LoaderOptions.workers``); eval uses threads."""
     cache_bytes: int = TRAINER_LOADER.cache_bytes
     prefetch_bytes: int = TRAINER_LOADER.prefetch_bytes
     cache_dir: str | None = TRAINER_LOADER.cache_dir
@@ -111,6 +113,7 @@ class TrainConfig:
         """The training loader's options from the flags (``TRAINER_LOADER`` with them applied)."""
         flags = {
             "num_workers": "--workers",
+            "workers": "--worker-kind",
             "cache_bytes": "--cache-bytes",
             "prefetch_bytes": "--prefetch-bytes",
         }
@@ -119,6 +122,7 @@ class TrainConfig:
             return TRAINER_LOADER.replace(
                 seed=self.seed,
                 num_workers=self.workers,
+                workers=self.worker_kind,
                 cache_bytes=self.cache_bytes,
                 prefetch_bytes=self.prefetch_bytes,
                 cache_dir=self.cache_dir,
@@ -178,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=d.workers,
         help="loader threads reading ahead (0: read in the training thread)",
     )
+    p.add_argument(
+        "--worker-kind", choices=["threads", "processes", "auto"], default=d.worker_kind,
+        help="training loader's --workers as threads, as processes pinned off the training thread's "
+        "CPU (plain splits, no image transforms), or auto (processes where they run)",
+    )  # fmt: skip
     p.add_argument(
         "--cache-bytes", type=parse_size, default=d.cache_bytes, help="loader RAM cache, e.g. 512M"
     )
@@ -258,6 +267,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         amp=a.amp,
         parallel=a.parallel,
         workers=a.workers,
+        worker_kind=a.worker_kind,
         cache_bytes=a.cache_bytes,
         prefetch_bytes=a.prefetch_bytes,
         cache_dir=a.cache_dir,

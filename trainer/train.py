@@ -94,6 +94,7 @@ def make_loader(ds: Dataset, cfg: TrainConfig, dist: Dist, *, train: bool, with_
         rank=dist.rank,
         world_size=dist.world_size,
         with_index=with_index,
+        workers=cfg.worker_kind if train else "threads",  # eval runs briefly: no processes to start
         cache_dir=cfg.cache_dir if train else None,  # eval reads each sample once: nothing to keep
         transforms=images.transforms(ds, cfg.input, cfg.image_size, train=train),
     )
