@@ -496,7 +496,11 @@ class ChunkFetcher:
         reader = self.reader
         t0 = time.perf_counter()
         ranges = _ranges_of(reader, keys)
-        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 else None
+        # Views of mapped local files cost no read, and the checksum holds the GIL: more threads
+        # only add hand-offs (measured on 3×64×64 raw chunks: 1 thread 71-84 k samples/s, 8
+        # threads 67-70 k), so those are checked inline.
+        mapped = reader.mapped
+        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 and not mapped else None
         if pool is not None:
             out = list(pool.map(self._read_one, keys, ranges))
         else:
