@@ -48,6 +48,16 @@ class LocalStorage(Storage):
         self._maps: dict[str, tuple[tuple[int, int, int, int], memoryview]] = {}
         self._maps_lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        # Worker processes get the storage pickled: mappings and their lock stay in this process.
+        state = dict(self.__dict__)
+        state["_maps"], state["_maps_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._maps_lock = threading.Lock()
+
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
 
