@@ -627,10 +627,12 @@ class _Run:
                 workers=loader.num_workers,
                 budget_bytes=loader.prefetch_bytes,
                 cost=builder.cost,
+                inline_first=1,  # the first window on this thread: no thread start or hand-off to wait for
             )
         self.current: batching.WindowRows | None = None
         self.k = 0
         self.closed = False
+        self.held = isinstance(self.prefetcher, Prefetcher)  # until go() after the first batch
 
     def __iter__(self) -> _Run:
         return self
@@ -639,6 +641,9 @@ class _Run:
         if self.closed:
             raise StopIteration
         loader = self.loader
+        if self.held and not self.started:  # back after the first batch: the threads may build now
+            self.held = False
+            self.prefetcher.go()
         while self.current is None or self.k >= self.current.num_batches:
             t0 = time.perf_counter()
             try:
