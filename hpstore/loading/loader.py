@@ -643,7 +643,8 @@ class _Run:
         loader = self.loader
         if self.held and not self.started:  # back after the first batch: the threads may build now
             self.held = False
-            self.prefetcher.go()
+            if isinstance(self.prefetcher, Prefetcher):
+                self.prefetcher.go()
         while self.current is None or self.k >= self.current.num_batches:
             t0 = time.perf_counter()
             try:

@@ -131,7 +131,9 @@ class LocalStorage(Storage):
             raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
         size = len(mapped[1])
         if not 0 <= start <= end <= size:
-            raise StorageError(f"{self.url}/{key}: short read ({max(0, size - start)} of {end - start} bytes at {start})")
+            raise StorageError(
+                f"{self.url}/{key}: short read ({max(0, size - start)} of {end - start} bytes at {start})"
+            )
         self.stats.add(bytes_read=end - start, read_requests=1, read_seconds=time.perf_counter() - t0)
         return mapped[1][start:end]
 
