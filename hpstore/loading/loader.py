@@ -488,6 +488,7 @@ class ChunkFetcher:
         self.io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
+        self._raw_fields: dict[str, bool] = {}
 
     def __call__(self, keys: list[Any]) -> list[Chunk]:
         """Read and decode chunks ``(field, chunk)``. Backends that keep many requests in flight
@@ -496,11 +497,12 @@ class ChunkFetcher:
         reader = self.reader
         t0 = time.perf_counter()
         ranges = _ranges_of(reader, keys)
-        # Views of mapped local files cost no read, and the checksum holds the GIL: more threads
-        # only add hand-offs (measured on 3×64×64 raw chunks: 1 thread 71-84 k samples/s, 8
-        # threads 67-70 k), so those are checked inline.
-        mapped = reader.mapped
-        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 and not mapped else None
+        # Views of mapped local files cost no read, and checking a raw chunk is its CRC32C, which
+        # holds the GIL: threads only add hand-offs (3×64×64 raw chunks: 1 thread 71-84 k
+        # samples/s, 8 threads 67-70 k), so raw mapped chunks are checked inline. Compressed ones
+        # still decode on the threads (zstd releases the GIL).
+        inline = reader.mapped and all(self._raw(name) for name, _ in keys)
+        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 and not inline else None
         if pool is not None:
             out = list(pool.map(self._read_one, keys, ranges))
         else:
@@ -513,6 +515,13 @@ class ChunkFetcher:
             self._io.add(read_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
         self._io.add(bytes_read=sum(e - s for _, s, e in ranges), read_requests=len(ranges))
         return out
+
+    def _raw(self, name: str) -> bool:
+        """Whether a field's chunks are stored uncompressed (decoding is the checksum alone)."""
+        raw = self._raw_fields.get(name)
+        if raw is None:
+            raw = self._raw_fields[name] = self.reader.field(name).codec.get("name") == "none"
+        return raw
 
     def _read_one(self, key: tuple[str, int], rng: tuple[str, int, int]) -> Chunk:
         reader = self.reader
