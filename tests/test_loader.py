@@ -361,6 +361,7 @@ def probe():
 import hpstore
 ds = hpstore.open({ds.store.url!r}).split("train")
 it = iter(hpstore.Loader(ds, 32, num_workers=3, prefetch_bytes=1 << 12))
+next(it)  # the first window is built on this thread; the threads start at the next batch
 next(it)
 print(sum(t.name.startswith("hpstore-prefetch") for t in threading.enumerate()), flush=True)
 """
@@ -413,3 +414,47 @@ def test_pinned_batches_survive_async_copies_after_being_dropped(
     torch.cuda.synchronize()
     for idx, image in copies:
         assert np.array_equal(image.cpu().numpy(), data["image"][idx.cpu().numpy()])
+
+
+def test_the_first_window_is_built_inline_and_batches_match_the_threads_order(ds: hpstore.Dataset) -> None:
+    def epochs(workers: int, resume_at: int | None = None) -> list[tuple[int, ...]]:
+        loader = Loader(ds, 40, fields=["image", "label"], with_index=True, num_workers=workers)
+        if resume_at is not None:
+            head = Loader(ds, 40, fields=["image", "label"], num_workers=0)
+            it = iter(head)
+            for _ in range(resume_at):
+                next(it)
+            loader.load_state_dict(head.state_dict())
+        out = []
+        for _ in range(2):
+            it = iter(loader)
+            first = next(it)
+            # The run's first window comes from this thread: no prefetch thread has started yet.
+            assert not _threads()
+            for b in [first, *it]:
+                assert np.array_equal(b["label"].numpy(), b["index"].numpy())
+                out.append(tuple(b["index"].tolist()))
+        return out
+
+    assert epochs(2) == epochs(0)
+    assert epochs(2, resume_at=5) == epochs(0, resume_at=5)
+    assert not _threads()
+
+
+def test_mapped_and_read_chunks_give_the_same_batches(
+    ds: hpstore.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def batches(expect_mapped: bool) -> list[dict[str, Any]]:
+        fresh = hpstore.open(ds.store.url).split("train")
+        out = list(Loader(fresh, 64, fields=["image", "vec", "blob", "ragged"], num_workers=2))
+        assert fresh.reader.mapped is expect_mapped
+        return out
+
+    mapped = batches(True)
+    monkeypatch.setattr(LocalStorage, "map_reads", False)
+    read = batches(False)
+    assert len(mapped) == len(read)
+    for a, b in zip(mapped, read, strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]

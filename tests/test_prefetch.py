@@ -73,3 +73,42 @@ def test_close_mid_stream_joins_threads_and_drops_results() -> None:
     assert len(jobs.started) < 20  # the budget stopped it from running far ahead
     with pytest.raises(RuntimeError, match="closed"):
         next(p)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_inline_first_jobs_run_on_the_consumer_and_threads_start_at_go(workers: int) -> None:
+    jobs = Jobs()
+    names: list[str] = []
+
+    def produce(i: int) -> int:
+        names.append(threading.current_thread().name)
+        return jobs(i)
+
+    p = Prefetcher(range(12), produce, workers=workers, budget_bytes=300, cost=lambda i: 100, inline_first=2)
+    assert next(p) == 0 and next(p) == 1
+    assert names == [threading.current_thread().name] * 2
+    assert p.alive_threads == 0 and jobs.started == [0, 1]  # nothing ran ahead before go()
+    p.go()
+    assert list(p) == [i * i for i in range(2, 12)]
+    assert all(n.startswith("hpstore-prefetch") for n in names[2:])
+    assert sorted(jobs.started) == list(range(12))
+    p.close()
+    assert p.alive_threads == 0
+
+
+def test_inline_first_without_go_starts_threads_when_their_job_is_asked_for() -> None:
+    p = Prefetcher(range(6), Jobs(), workers=2, budget_bytes=1000, cost=lambda i: 1, inline_first=1)
+    assert list(p) == [i * i for i in range(6)]
+    p.close()
+    unstarted = Prefetcher(range(6), Jobs(), workers=2, budget_bytes=1000, cost=lambda i: 1, inline_first=1)
+    unstarted.close()  # never started: closing joins nothing and does not hang
+    unstarted.go()  # after close: starts nothing
+    assert unstarted.alive_threads == 0
+
+
+def test_an_inline_first_job_that_fails_raises_and_starts_no_threads() -> None:
+    p = Prefetcher(range(6), Jobs(fail_at=0), workers=2, budget_bytes=1000, cost=lambda i: 1, inline_first=1)
+    with pytest.raises(ValueError, match="job 0 failed"):
+        next(p)
+    p.close()
+    assert p.alive_threads == 0

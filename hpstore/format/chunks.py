@@ -42,6 +42,8 @@ class ChunkReader:
         self.index_requests = 0
         """Shard-index reads so far (each shard's index is read once, then kept)."""
         self.index_bytes = 0
+        self.mapped: bool | None = None
+        """Whether the storage serves views of mapped objects (``fetch``); None until it is asked."""
 
     def field(self, name: str) -> FieldSpec:
         try:
@@ -106,17 +108,17 @@ class ChunkReader:
     # -- read + decode ---------------------------------------------------------------------------
 
     def fetch(self, ranges: Sequence[Range]) -> list[bytes | memoryview]:
-        """Fetch ranges, coalescing neighbours in one object into single requests."""
-        order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
-        merged: list[tuple[str, int, int, list[int]]] = []
-        for i in order:
-            key, s, e = ranges[i]
-            if merged and merged[-1][0] == key and s - merged[-1][2] <= COALESCE_GAP and s >= merged[-1][1]:
-                k, ms, me, members = merged[-1]
-                merged[-1] = (k, ms, max(me, e), [*members, i])
-            else:
-                merged.append((key, s, e, [i]))
-        bufs = self.storage.read_ranges([(k, s, e) for k, s, e, _ in merged])
+        """Fetch ranges, coalescing neighbours in one object into single requests. From a backend
+        that maps its objects (local files, ``Storage.view_range``), views of the mappings instead,
+        one per run of touching ranges (a gap would only add bytes nobody reads): decoding then
+        reads each byte where the page cache holds it (checksum, then the loader's gather), where a
+        read first copied it into fresh memory whose every page faulted on first touch."""
+        merged = _coalesce(ranges, 0 if self.mapped is not False else COALESCE_GAP)
+        bufs = self._views(merged)
+        if bufs is None:
+            if self.mapped is False:  # learnt just now: coalesce as for reads
+                merged = _coalesce(ranges, COALESCE_GAP)
+            bufs = list(self.storage.read_ranges([(k, s, e) for k, s, e, _ in merged]))
         out: list[bytes | memoryview] = [b""] * len(ranges)
         for (_, ms, _, members), buf in zip(merged, bufs, strict=True):
             view = memoryview(buf)
@@ -125,6 +127,14 @@ class ChunkReader:
                 # A zero-copy view: decoding reads it once, copying it first doubled the cost.
                 out[i] = view[s - ms : e - ms] if len(members) > 1 else buf
         return out
+
+    def _views(self, merged: list[tuple[str, int, int, list[int]]]) -> list[bytes | memoryview] | None:
+        """Views of mapped objects for the requests, or None where the storage does not map."""
+        if not merged or self.mapped is False:
+            return None
+        views = [self.storage.view_range(k, s, e) for k, s, e, _ in merged]
+        self.mapped = all(v is not None for v in views)
+        return [v for v in views if v is not None] if self.mapped else None
 
     def decode(self, name: str, chunk: int, raw: bytes | memoryview) -> Chunk:
         f = self.field(name)
@@ -159,6 +169,21 @@ class ChunkReader:
         """Decoded chunks of one field, in the order asked."""
         raws = self.fetch(self.ranges(name, chunks))
         return [self.decode(name, c, r) for c, r in zip(chunks, raws, strict=True)]
+
+
+def _coalesce(ranges: Sequence[Range], gap: int) -> list[tuple[str, int, int, list[int]]]:
+    """``(key, start, end, members)`` requests covering ``ranges``: neighbours in one object at
+    most ``gap`` bytes apart share one; ``members`` are the positions of the ranges it covers."""
+    order = sorted(range(len(ranges)), key=lambda i: (ranges[i][0], ranges[i][1]))
+    merged: list[tuple[str, int, int, list[int]]] = []
+    for i in order:
+        key, s, e = ranges[i]
+        if merged and merged[-1][0] == key and s - merged[-1][2] <= gap and s >= merged[-1][1]:
+            k, ms, me, members = merged[-1]
+            merged[-1] = (k, ms, max(me, e), [*members, i])
+        else:
+            merged.append((key, s, e, [i]))
+    return merged
 
 
 _SCHEMAS: dict[str, pa.Schema] = {}

@@ -21,6 +21,11 @@ Hazards handled here, and tested:
   through C++ frames aborts the process ("terminate called without an active exception", SIGABRT).
 
 ``workers=0`` runs every job inline in the consumer's thread, with the same interface.
+``inline_first=k`` runs the first ``k`` jobs inline too; the threads start on the jobs after them
+at ``go()`` (or when the consumer asks for a job of theirs): a fresh loader's first window then
+never waits for a thread to be scheduled and hand its result over, nor competes with threads
+running Python for the GIL (each hand-back of the GIL can cost a switch interval, 5 ms). The loader
+calls ``go()`` when the consumer comes back for its second batch.
 """
 
 from __future__ import annotations
@@ -68,9 +73,12 @@ class Prefetcher(Generic[J, T]):
         budget_bytes: int,
         cost: Callable[[J], int],
         name: str = "hpstore-prefetch",
+        inline_first: int = 0,
     ) -> None:
         if workers < 0:
             raise ValueError(f"workers must be >= 0, got {workers}")
+        if inline_first < 0:
+            raise ValueError(f"inline_first must be >= 0, got {inline_first}")
         self._jobs = jobs
         self._produce = produce
         self._cost = cost
@@ -87,10 +95,26 @@ class Prefetcher(Generic[J, T]):
         self._threads = [
             threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
+        self._inline_first = min(inline_first, len(jobs)) if self._threads else 0
+        self._started = False
+        if not self._inline_first:
+            self._start()
+
+    def go(self) -> None:
+        """Start the threads now, on the jobs after the ``inline_first`` ones (idempotent)."""
+        with self._cond:
+            if self._stop:
+                return
+            self._next_job = max(self._next_job, self._inline_first)
+        self._start()
+
+    def _start(self) -> None:
+        if self._started or not self._threads:
+            return
+        self._started = True
         for t in self._threads:
             t.start()
-        if self._threads:
-            _LIVE.add(self)
+        _LIVE.add(self)
 
     # -- background side ---------------------------------------------------------------------------
 
@@ -133,12 +157,14 @@ class Prefetcher(Generic[J, T]):
             if self._next_out >= len(self._jobs):
                 raise StopIteration
             i = self._next_out
-            if not self._threads:
+            inline = not self._threads or i < self._inline_first
+            if inline:
                 self._next_job, self._costs[i] = i + 1, 0
         t0 = time.perf_counter()
-        if not self._threads:
+        if inline:
             ok, value = self._inline(i)
         else:
+            self._start()
             ok, value = self._wait(i)
         self.stats.wait_seconds += time.perf_counter() - t0
         self.stats.jobs += 1
@@ -178,7 +204,7 @@ class Prefetcher(Generic[J, T]):
             self._cond.notify_all()
         me = threading.current_thread()
         for t in self._threads:
-            if t is not me:
+            if t is not me and self._started:
                 t.join()
 
     @property

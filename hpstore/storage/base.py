@@ -122,6 +122,13 @@ class Storage(ABC):
         """Many ranges, in order. Backends override this to keep many requests in flight."""
         return [self.read_range(k, s, e) for k, s, e in ranges]
 
+    def view_range(self, key: str, start: int, end: int) -> memoryview | None:
+        """Bytes ``[start, end)`` as a read-only view of the object's memory mapping, without a
+        copy, or ``None`` when this backend does not map objects (the caller then reads). Only the
+        local backend maps; wrappers return ``None`` so whatever they add (faults, latency,
+        retries) still sees every read."""
+        return None
+
     def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
         """Like ``read_ranges``, but a range that fails gives its exception in its place while the
         others still arrive, so a retry can repeat just the failed requests."""
@@ -248,6 +255,9 @@ class PrefixStorage(Storage):
 
     def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
         return self.inner.read_ranges_each([(self._k(k), s, e) for k, s, e in ranges])
+
+    def view_range(self, key: str, start: int, end: int) -> memoryview | None:
+        return self.inner.view_range(self._k(key), start, end)
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(self._k(key), data, durable=durable)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import re
+import threading
 import time
 import uuid
 
@@ -81,10 +83,33 @@ class LocalStorage(Storage):
     """Write large aligned payloads with ``O_DIRECT`` (``hpstore.storage.direct_io``); turned off for
     this storage the first time the file system refuses it."""
 
+    map_reads = True
+    """Serve ``view_range`` from read-only memory mappings of the files: a page-cached range is
+    then used where it lies, instead of copied into a fresh buffer whose every 4 KiB page faults on
+    first touch (measured on 3×64×64 raw chunks kept by the loader's cache: 0.5 GB/s for ``pread``
+    into fresh memory, 4 GB/s into reused memory). Objects are replaced by rename, never rewritten
+    in place under a reader (``overwrite`` is for objects nobody reads yet), so a mapping stays
+    valid; each view checks that the path still names the mapped file and maps it again if not."""
+
+    MAX_MAPS = 1024
+    """Mappings kept open (the oldest is forgotten first; views of it keep it alive)."""
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = self.root
         self.stats = StorageStats()
+        self._maps: dict[str, tuple[tuple[int, int, int, int], memoryview]] = {}
+        self._maps_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, object]:
+        # Worker processes get the storage pickled: mappings and their lock stay in this process.
+        state = dict(self.__dict__)
+        state["_maps"], state["_maps_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._maps_lock = threading.Lock()
 
     def _path(self, key: str) -> str:
         return os.path.join(self.root, *check_key(key).split("/"))
@@ -141,6 +166,44 @@ class LocalStorage(Storage):
             )
         self.stats.add(bytes_read=len(data), read_requests=1, read_seconds=time.perf_counter() - t0)
         return data
+
+    def view_range(self, key: str, start: int, end: int) -> memoryview | None:
+        if not self.map_reads:
+            return None
+        t0 = time.perf_counter()
+        path = self._path(key)
+        try:
+            st = os.stat(path)
+            ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            mapped = self._maps.get(path)
+            if mapped is None or mapped[0] != ident:
+                mapped = self._map(path)
+        except FileNotFoundError:
+            raise ObjectNotFoundError(f"{self.url}/{key}: no such object") from None
+        except OSError as exc:
+            raise StorageError(f"{self.url}/{key}: {exc.strerror or exc}") from exc
+        size = len(mapped[1])
+        if not 0 <= start <= end <= size:
+            raise StorageError(
+                f"{self.url}/{key}: short read ({max(0, size - start)} of {end - start} bytes at {start})"
+            )
+        self.stats.add(bytes_read=end - start, read_requests=1, read_seconds=time.perf_counter() - t0)
+        return mapped[1][start:end]
+
+    def _map(self, path: str) -> tuple[tuple[int, int, int, int], memoryview]:
+        """Map the file ``path`` names now, identified by what ``fstat`` says of the open file."""
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            st = os.fstat(fd)
+            view = memoryview(mmap.mmap(fd, 0, access=mmap.ACCESS_READ)) if st.st_size else memoryview(b"")
+        finally:
+            os.close(fd)
+        mapped = ((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns), view)
+        with self._maps_lock:
+            self._maps[path] = mapped
+            while len(self._maps) > self.MAX_MAPS:
+                del self._maps[next(iter(self._maps))]
+        return mapped
 
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         t0 = time.perf_counter()

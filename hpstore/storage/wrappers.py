@@ -51,6 +51,11 @@ class ForwardingStorage(Storage):
     def read_ranges_each(self, ranges: Sequence[Range]) -> list[bytes | BaseException]:
         return self.inner.read_ranges_each(ranges)
 
+    def view_range(self, key: str, start: int, end: int) -> memoryview | None:
+        # No views through a wrapper: what it adds to reads (latency, faults, retries, records)
+        # would be bypassed by a view of the inner backend's mapping; callers then read.
+        return None
+
     def write(self, key: str, data: bytes | memoryview, *, durable: bool = True) -> None:
         self.inner.write(key, data, durable=durable)
 
