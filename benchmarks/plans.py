@@ -52,30 +52,38 @@ def build(cfg: BenchConfig, progress: Progress, n: int) -> Path:
     return root / "store"
 
 
-def first_batch(ds: hpstore.Dataset) -> tuple[float, float]:
-    """``(seconds, traced heap bytes)`` from a fresh loader's creation to its first batch."""
+def first_batch(ds: hpstore.Dataset, *, traced: bool = False) -> float:
+    """Seconds from a fresh loader's creation to its first batch; with ``traced``, instead the peak
+    traced heap bytes over the same span (tracing slows Python down, so the two are separate runs)."""
     gc.collect()
-    tracemalloc.start()
+    if traced:
+        tracemalloc.start()
     t0 = time.perf_counter()
     loader = hpstore.Loader(ds, 256)
     next(iter(loader))
     seconds = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak = 0
+    if traced:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     loader.close()
-    return seconds, float(peak)
+    return float(peak) if traced else seconds
 
 
-def random_access(ds: hpstore.Dataset) -> tuple[float, float]:
+def random_access(ds: hpstore.Dataset, *, traced: bool = False) -> float:
+    """Seconds of ``ds[1000:1010]``, or with ``traced`` its peak traced heap bytes."""
     gc.collect()
-    tracemalloc.start()
+    if traced:
+        tracemalloc.start()
     t0 = time.perf_counter()
     rows = ds[1000:1010]
     seconds = time.perf_counter() - t0
-    _, peak = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
+    peak = 0
+    if traced:
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
     assert len(rows["x"]) == 10
-    return seconds, float(peak)
+    return float(peak) if traced else seconds
 
 
 def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
@@ -86,8 +94,9 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
         chunks = -(-len(ds) // ds.spec.chunk_rows)
         progress(f"{n:,} samples ({chunks:,} chunks): fresh loaders and ds[1000:1010]")
         first_batch(ds)  # the dataset's shard indices load once per Dataset: not a plan cost
-        fb = [first_batch(ds) for _ in range(max(3, cfg.repeats))]
-        ra = [random_access(ds) for _ in range(max(3, cfg.repeats))]
+        reps = range(max(3, cfg.repeats))
+        fb = [(first_batch(ds), first_batch(ds, traced=True)) for _ in reps]
+        ra = [(random_access(ds), random_access(ds, traced=True)) for _ in reps]
         note = f"{n:,} one-byte samples in {chunks:,} chunks, warm; store opened once"
         figs += [
             Figure(

@@ -241,6 +241,19 @@ def test_fixed_seed_loss_matches_the_committed_baseline(store: str, tmp_path: Pa
     np.testing.assert_allclose(got["eval_loss"], want["eval_loss"], rtol=1e-6)
 
 
+def test_worker_processes_reproduce_the_committed_baseline(store: str, tmp_path: Path) -> None:
+    """``--worker-kind processes``: the training loader's windows come from worker processes (pinned
+    off the training thread's CPU) and the run is the same, loss for loss."""
+    metrics = tmp_path / "m.jsonl"
+    r = run_trainer(
+        ["--data", store, *BASELINE_ARGS, "--metrics", str(metrics), "--worker-kind", "processes"]
+    )
+    assert r.returncode == 0, r.stderr
+    want = json.loads(BASELINE.read_text())
+    train_loss = [rec["loss"] for rec in records(metrics) if rec["kind"] == "train"]
+    np.testing.assert_allclose(train_loss, want["train_loss"], rtol=1e-6)
+
+
 def test_disk_cache_flag_keeps_training_chunks_on_disk(store: str, tmp_path: Path) -> None:
     """``--cache-dir`` gives the training loader a verified disk tier; the run still learns the same."""
     cache = tmp_path / "cache"

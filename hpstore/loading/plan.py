@@ -169,7 +169,7 @@ class PlanSpec:
     def window_rows(self) -> int:
         return self.batches_per_window * self.batch_size
 
-    @property
+    @cached_property
     def ramp(self) -> tuple[int, ...]:
         """Batches of each window of the ramp (those smaller than full size), in order."""
         if self.first_window_chunks is None:
