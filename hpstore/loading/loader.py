@@ -110,6 +110,8 @@ __all__ = [
 STATE_VERSION = 1
 WORKER_IO = ("bytes_read", "read_requests", "read_seconds", "decode_seconds", "gather_seconds", "windows")
 """``LoaderStats`` counters that worker processes keep (``hpstore.loading.workers``)."""
+INLINE_BYTES = 64 << 10
+"""Chunks stored in fewer bytes are read and decoded on the window's thread, not the io threads."""
 PLAN_KEYS = (
     "num_samples",
     "chunk_rows",
@@ -503,12 +505,24 @@ class ChunkFetcher:
         ranges = _ranges_of(reader, keys)
         # Views of mapped local files cost no read, and checking a raw chunk is its CRC32C, which
         # holds the GIL: threads only add hand-offs (3×64×64 raw chunks: 1 thread 71-84 k
-        # samples/s, 8 threads 67-70 k), so raw mapped chunks are checked inline. Compressed ones
-        # still decode on the threads (zstd releases the GIL).
-        inline = reader.mapped and all(self._raw(name) for name, _ in keys)
-        pool = self._io_pool() if self.disk_cache is None and len(keys) > 1 and not inline else None
+        # samples/s, 8 threads 67-70 k), so raw mapped chunks are checked on this thread, while
+        # compressed ones (zstd releases the GIL) decode on the io threads meanwhile. Small chunks
+        # (a window's labels) cost less to read here than to hand to a thread and back.
+        here = {
+            i
+            for i, ((name, _), (_, a, b)) in enumerate(zip(keys, ranges, strict=True))
+            if b - a < INLINE_BYTES or (reader.mapped and self._raw(name))
+        }
+        pool = self._io_pool() if self.disk_cache is None and len(keys) - len(here) > 1 else None
         if pool is not None:
-            out = list(pool.map(self._read_one, keys, ranges))
+            away = [
+                (i, pool.submit(self._read_one, keys[i], ranges[i]))
+                for i in range(len(keys))
+                if i not in here
+            ]
+            done = {i: self._read_one(keys[i], ranges[i]) for i in sorted(here)}
+            done.update((i, future.result()) for i, future in away)
+            out = [done[i] for i in range(len(keys))]
         else:
             if self.disk_cache is not None:
                 raws = self.disk_cache.fetch(keys, ranges, reader.fetch)
