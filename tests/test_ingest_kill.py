@@ -5,6 +5,7 @@ one if the kill came after its commit) that opens, verifies and reads back exact
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -175,8 +176,15 @@ def test_two_ingests_at_once_the_second_fails_fast(
     assert start(old_src, dst).wait() == 0
     first = start(new_src, dst)
     writing_started(first, dst, generations(dst))
-    second = start(old_src, dst)
-    _, err = second.communicate()
+    # Hold the first one still mid-write (SIGSTOP), so the second meets it there however long the
+    # second takes to start on a busy machine; then let it finish.
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        assert first.poll() is None and (dst / LOCK_KEY).exists(), "the first ingest ended before it was held"
+        second = start(old_src, dst)
+        _, err = second.communicate()
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert second.returncode == 2 and err.decode().count("\n") == 1 and LOCK_KEY in err.decode(), err
     assert first.wait() == 0, first.stderr.read() if first.stderr else ""
     if first.stderr:
