@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import struct
 from typing import Any
 
@@ -53,6 +54,12 @@ def validate_codec(codec: Codec) -> Codec:
     if name == "none":
         return {"name": "none"}
     raise InputError(f"unknown codec {name!r} (choose zstd, lz4 or none)")
+
+
+@functools.lru_cache(maxsize=64)
+def _little(dtype: str) -> np.dtype[Any]:
+    """The little-endian dtype of a stored field (looked up per chunk: built once)."""
+    return np.dtype(dtype).newbyteorder("<")
 
 
 def _compressor(codec: Codec, itemsize: int) -> numcodecs.abc.Codec | None:
@@ -171,14 +178,14 @@ def decode_chunk(
     payload, (stored,) = memoryview(buf)[:-4], struct.unpack("<I", buf[-4:])
     if crc32c(payload) != stored:
         raise CorruptObjectError(key, f"checksum mismatch in chunk {chunk}")
-    dt = np.dtype(dtype).newbyteorder("<")
+    dt = _little(dtype)
     comp = _compressor(codec, dt.itemsize)
     try:
         raw = comp.decode(payload) if comp is not None else payload
     except Exception as exc:  # codec libraries raise assorted types on garbage
         raise CorruptObjectError(key, f"chunk {chunk} does not decode: {exc}") from None
     arr = np.frombuffer(raw, dtype=dt)
-    expected = int(np.prod(chunk_shape))
+    expected = math.prod(chunk_shape)
     if arr.size != expected:
         raise CorruptObjectError(key, f"chunk {chunk} decodes to {arr.size} items, expected {expected}")
     return arr.reshape(chunk_shape)
