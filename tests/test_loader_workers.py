@@ -111,7 +111,13 @@ def test_a_worker_error_re_raises_in_the_consumer_with_its_type_and_message(
     ds = write(tmp_path / "s", data)
     loader = Loader(ds, 32, fields=["image"], num_workers=2, workers="processes", cache_bytes=0)
     loader.start()
-    for shard in sorted((tmp_path / "s").rglob("image/c/*/0/0")):  # corrupt before the first read
+    # Corrupt the first chunk of every shard (before the first read) except a chunk of the run's
+    # first window, which the consumer builds itself: the error must come from a worker.
+    first = set(loader._plan(0).window_chunks(0))
+    shards = sorted((tmp_path / "s").rglob("image/c/*/0/0"))
+    corrupt = [p for p in shards if int(p.parent.parent.name) * ds.spec.chunks_per_shard not in first]
+    assert corrupt
+    for shard in corrupt:
         with open(shard, "r+b") as f:
             f.seek(3)
             b = f.read(1)[0]
@@ -148,6 +154,7 @@ def test_a_killed_worker_is_reported_and_replaced(ds: hpstore.Dataset) -> None:
 def test_close_stops_the_workers_and_unlinks_all_shared_memory(ds: hpstore.Dataset) -> None:
     before = segments()
     loader = Loader(ds, 64, num_workers=2, workers="processes")
+    loader.start()  # ready workers get their jobs right after the first window (built here)
     it = iter(loader)
     next(it)  # mid-epoch: slots lent and jobs in flight
     assert segments() - before
@@ -165,6 +172,7 @@ def test_close_stops_the_workers_and_unlinks_all_shared_memory(ds: hpstore.Datas
 def test_a_dropped_loader_unlinks_its_shared_memory(ds: hpstore.Dataset) -> None:
     before = segments()
     loader = Loader(ds, 64, num_workers=1, workers="processes")
+    loader.start()
     next(iter(loader))
     assert segments() - before
     del loader
@@ -245,3 +253,27 @@ def test_bad_worker_cpus_fail_clearly(ds: hpstore.Dataset) -> None:
         Loader(ds, 8, num_workers=1, workers="processes", worker_cpus="all")
     with pytest.raises(InputError, match="are not available to this process"):
         Loader(ds, 8, num_workers=1, workers="processes", worker_cpus=[4096])
+
+
+def test_each_runs_first_window_is_built_by_the_consumer_and_the_rest_by_the_workers(
+    ds: hpstore.Dataset,
+) -> None:
+    # Like threads, process mode builds a run's first window on the consumer's thread (its first
+    # batch waits for no other process); the workers build every other window, same batches.
+    loader = Loader(ds, 64, num_workers=2, workers="processes")
+    reference = Loader(ds, 64, num_workers=0)
+    for _epoch in range(2):
+        assert all(same(a, b) for a, b in zip(loader, reference, strict=True))
+    assert loader._io.windows == 2  # this process's own builds: one per run
+    assert loader._pool is not None
+    workers_built = sum(t.get("windows", 0) for t in loader._pool.totals)
+    assert workers_built == 2 * (loader._plan(0).num_windows - 1)
+    # A run resumed mid-window starts from that window, built here as well.
+    state = loader.state_dict()
+    state["step"] = 3
+    loader.load_state_dict(state)
+    reference.load_state_dict(state)
+    assert all(same(a, b) for a, b in zip(loader, reference, strict=True))
+    assert loader._io.windows == 3
+    loader.close()
+    reference.close()

@@ -572,14 +572,17 @@ class _Builder:
     """Builds the windows of one run (on prefetch threads). Kept apart from ``_Run`` so the threads
     hold no reference to the iterator: an abandoned iterator is collected and stops them."""
 
-    def __init__(self, loader: Loader, plan: EpochPlan, first_window: int) -> None:
+    def __init__(
+        self, loader: Loader, plan: EpochPlan, first_window: int, *, only_first: bool = False
+    ) -> None:
         self.loader = loader
         self.plan = plan
-        self.bases = self._plan_cache(first_window)
+        self.bases = self._plan_cache(first_window, only_first)
 
-    def _plan_cache(self, first_window: int) -> dict[int, int]:
+    def _plan_cache(self, first_window: int, only_first: bool) -> dict[int, int]:
         """Give the cache this run's chunk accesses and the next epoch's (so what the next epoch
-        starts with is kept); return where each window's accesses start."""
+        starts with is kept), or with ``only_first`` the first window's alone; return where each
+        window's accesses start."""
         names = list(self.loader.fields)
         future: list[tuple[str, int]] = []
         bases: dict[int, int] = {}
@@ -587,6 +590,9 @@ class _Builder:
             bases[j] = len(future)
             chunks = self.loader._stored_chunks(self.plan, chunks)
             future.extend((name, c) for c in chunks for name in names)
+            if only_first:
+                self.loader.cache.plan(future)
+                return bases
         following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
         for chunks in following.chunks_by_window():
             chunks = self.loader._stored_chunks(following, chunks)
@@ -633,6 +639,45 @@ class _Builder:
         return rows
 
 
+class _FirstHere:
+    """A run's windows in process mode: the first built on the consumer's thread (no worker to wait
+    for, as threads do: a fresh epoch's first batch waits for one small window, not for a message
+    round trip and another process's build), the rest by the worker processes. The workers get
+    their jobs as soon as they are ready: right after the first window when they are started
+    (``loader.start()`` or an earlier run), else when the consumer asks for the second window."""
+
+    def __init__(self, loader: Loader, plan: EpochPlan, first: int) -> None:
+        self.loader = loader
+        self.plan = plan
+        self.first = first
+        self.here = first < plan.num_windows
+        self.rest: ProcessWindows | None = None
+
+    def _workers(self) -> ProcessWindows:
+        if self.rest is None:
+            start = self.first + 1 if self.first < self.plan.num_windows else self.first
+            self.rest = self.loader._workers().windows(self.plan, start)
+        return self.rest
+
+    def __iter__(self) -> _FirstHere:
+        return self
+
+    def __next__(self) -> batching.WindowRows:
+        if self.here:
+            self.here = False
+            rows = _Builder(self.loader, self.plan, self.first, only_first=True).build(self.first)
+            pool = self.loader._pool
+            if pool is not None and pool.ready and pool.broken is None:
+                self._workers()
+            return rows
+        return next(self._workers())
+
+    def close(self) -> None:
+        self.here = False
+        if self.rest is not None:
+            self.rest.close()
+
+
 class _Run:
     """One pass from the loader's current position to the end of its epoch."""
 
@@ -643,9 +688,9 @@ class _Run:
         first_window, self.skip = plan.start_of(loader._step)
         if loader._step >= plan.steps:  # resumed after the last batch: the rest is empty
             first_window = plan.num_windows
-        self.prefetcher: Prefetcher[int, batching.WindowRows] | ProcessWindows
+        self.prefetcher: Prefetcher[int, batching.WindowRows] | _FirstHere
         if loader.worker_kind == "processes":
-            self.prefetcher = loader._workers().windows(plan, first_window)
+            self.prefetcher = _FirstHere(loader, plan, first_window)
         else:
             builder = _Builder(loader, plan, first_window)
             self.prefetcher = Prefetcher(

@@ -2,7 +2,8 @@
 
 ``Loader(ds, 256, num_workers=2, workers="processes")`` starts ``num_workers`` processes (spawned once
 per loader, when it is created; ``loader.start()`` waits until they are ready) that live as long as
-the loader, across epochs. Each owns a share of every run's windows, assigned round-robin
+the loader, across epochs. Each owns a share of every run's windows but the first (which the
+consumer builds itself: ``hpstore.loading.loader._FirstHere``), assigned round-robin
 (``plan.assign``), and builds them exactly as thread mode does — plan slicing, chunk reads through
 its own storage handle, checksum, decode, its own chunk cache planned with its own windows, gather
 (``batch.assemble``) — except that the gathered rows land in a slot of the loader's shared-memory
@@ -142,6 +143,11 @@ class WorkerPool:
             self.ring.close()
             raise InputError(f"worker processes need a picklable storage: {exc}") from None
         self._finalizer = weakref.finalize(self, _stop, self.procs, self.conns)
+
+    @property
+    def ready(self) -> bool:
+        """Whether every worker has opened the store (``start`` has returned)."""
+        return self._ready
 
     def start(self) -> None:
         """Wait until every worker has opened the store (raises what a worker could not do)."""
