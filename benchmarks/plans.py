@@ -19,7 +19,9 @@ import json
 import shutil
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,38 +54,40 @@ def build(cfg: BenchConfig, progress: Progress, n: int) -> Path:
     return root / "store"
 
 
-def first_batch(ds: hpstore.Dataset, *, traced: bool = False) -> float:
-    """Seconds from a fresh loader's creation to its first batch; with ``traced``, instead the peak
-    traced heap bytes over the same span (tracing slows Python down, so the two are separate runs)."""
+def cost(work: Callable[[], Any], *, traced: bool = False) -> tuple[float, Any]:
+    """``(seconds of work(), its result)``; with ``traced``, the peak traced heap bytes instead of
+    the seconds (tracing slows Python down, so time and heap come from separate runs)."""
     gc.collect()
     if traced:
         tracemalloc.start()
     t0 = time.perf_counter()
-    loader = hpstore.Loader(ds, 256)
-    next(iter(loader))
+    result = work()
     seconds = time.perf_counter() - t0
-    peak = 0
-    if traced:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+    if not traced:
+        return seconds, result
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return float(peak), result
+
+
+def first_batch(ds: hpstore.Dataset, *, traced: bool = False) -> float:
+    """From a fresh loader's creation to its first batch (see ``cost``)."""
+
+    def work() -> hpstore.Loader:
+        loader = hpstore.Loader(ds, 256)
+        next(iter(loader))
+        return loader
+
+    value, loader = cost(work, traced=traced)
     loader.close()
-    return float(peak) if traced else seconds
+    return value
 
 
 def random_access(ds: hpstore.Dataset, *, traced: bool = False) -> float:
-    """Seconds of ``ds[1000:1010]``, or with ``traced`` its peak traced heap bytes."""
-    gc.collect()
-    if traced:
-        tracemalloc.start()
-    t0 = time.perf_counter()
-    rows = ds[1000:1010]
-    seconds = time.perf_counter() - t0
-    peak = 0
-    if traced:
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
+    """``ds[1000:1010]`` (see ``cost``)."""
+    value, rows = cost(lambda: ds[1000:1010], traced=traced)
     assert len(rows["x"]) == 10
-    return float(peak) if traced else seconds
+    return value
 
 
 def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:

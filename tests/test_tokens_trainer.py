@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TEXT = ROOT / "tests" / "data" / "text"
 
 
-def test_gpt_trains_on_two_ranks_with_validation(tmp_path: Path) -> None:
+def text_store(tmp_path: Path) -> Path:
+    """A byte-level token store of the shipped text (paragraphs as documents), 10 % held out."""
     docs = [p.strip() for f in sorted(TEXT.glob("*.txt")) for p in f.read_text().split("\n\n") if p.strip()]
     src = tmp_path / "docs.jsonl"
     src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
@@ -23,6 +24,11 @@ def test_gpt_trains_on_two_ranks_with_validation(tmp_path: Path) -> None:
     assert (
         ingest_main([str(src), str(store), "--tokenizer", "byte", "--holdout", "0.1", "--no-progress"]) == 0
     )
+    return store
+
+
+def test_gpt_trains_on_two_ranks_with_validation(tmp_path: Path) -> None:
+    store = text_store(tmp_path)
     metrics = tmp_path / "m.jsonl"
     cmd = [
         sys.executable,
@@ -137,13 +143,7 @@ def test_gpt_under_fsdp_on_packed_windows_resumes_bit_exact(tmp_path: Path) -> N
 
     from hpstore.checkpoint import Checkpointer
 
-    docs = [p.strip() for f in sorted(TEXT.glob("*.txt")) for p in f.read_text().split("\n\n") if p.strip()]
-    src = tmp_path / "docs.jsonl"
-    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    store = tmp_path / "store"
-    assert (
-        ingest_main([str(src), str(store), "--tokenizer", "byte", "--holdout", "0.1", "--no-progress"]) == 0
-    )
+    store = text_store(tmp_path)
     args = ["--data", str(store), "--model", "gpt", "--seq-len", "64", "--batch-size", "4", "--gpt-layers", "1",
             "--gpt-width", "32", "--gpt-heads", "2", "--max-steps", "4", "--log-every", "1", "--workers", "1",
             "--parallel", "fsdp", "--respect-documents", "--ckpt-every", "2", "--seed", "5"]  # fmt: skip

@@ -584,15 +584,16 @@ class _Builder:
         starts with is kept), or with ``only_first`` the first window's alone; return where each
         window's accesses start."""
         names = list(self.loader.fields)
+        if only_first:
+            chunks = self.loader._stored_chunks(self.plan, self.plan.window_chunks(first_window))
+            self.loader.cache.plan([(name, c) for c in chunks for name in names])
+            return {first_window: 0}
         future: list[tuple[str, int]] = []
         bases: dict[int, int] = {}
         for j, chunks in enumerate(self.plan.chunks_by_window(first_window), start=first_window):
             bases[j] = len(future)
             chunks = self.loader._stored_chunks(self.plan, chunks)
             future.extend((name, c) for c in chunks for name in names)
-            if only_first:
-                self.loader.cache.plan(future)
-                return bases
         following = EpochPlan(self.loader.spec, self.plan.epoch + 1, self.loader.rank)
         for chunks in following.chunks_by_window():
             chunks = self.loader._stored_chunks(following, chunks)
