@@ -41,7 +41,11 @@ def build(cfg: BenchConfig, progress: Progress, n: int) -> Path:
     if done.exists() and json.loads(done.read_text()) == meta:
         return root / "store"
     progress(f"writing a store of {n:,} one-byte samples, once")
-    shutil.rmtree(root, ignore_errors=True)
+    if root.exists() and not {p.name for p in root.iterdir()} <= {"store", "done.json"}:
+        raise RuntimeError(
+            f"{root} holds files this benchmark did not write; move them or pick another --data-dir"
+        )
+    shutil.rmtree(root, ignore_errors=True)  # only a store (and its marker) this benchmark wrote
     root.mkdir(parents=True)
     zeros = np.zeros(BLOCK, dtype=np.uint8)
     with StoreWriter(LocalStorage(str(root / "store"))) as w:
