@@ -23,7 +23,8 @@ Semantics worth knowing:
   same number of steps; ``drop_last=True`` leaves out fewer than ``world_size·batch_size`` samples
   instead and every batch is full). See ``hpstore.loading.plan``.
 - ``num_workers`` is the number of background threads that build windows (read, decode, gather)
-  ahead of the consumer; ``0`` builds them in the consumer's thread when needed. Local files are
+  ahead of the consumer; ``0`` builds them in the consumer's thread when needed, while a read-ahead
+  thread reads and decodes the next window's chunks (``ChunkCache.fetch_ahead``). Local files are
   also read and decoded ``io_threads`` chunks at a time within a window (remote backends issue the
   ranges concurrently themselves). The output order does not depend on either.
 - ``workers="threads"`` (default) or ``"processes"``: with processes the windows are built in
