@@ -277,3 +277,20 @@ def test_each_runs_first_window_is_built_by_the_consumer_and_the_rest_by_the_wor
     assert loader._io.windows == 3
     loader.close()
     reference.close()
+
+
+def test_started_workers_have_touched_the_slots_of_the_first_jobs(ds: hpstore.Dataset) -> None:
+    procs = Loader(ds, 64, num_workers=2, workers="processes", shuffle_window=3)
+    assert procs._pool is not None
+    slots = list(procs._pool.ring.slots)
+    assert len(slots) == 4  # two per worker, made with the pool
+    procs.start()
+    for slot in slots:  # tmpfs counts the pages a slot holds: all of them, before any window
+        assert os.stat(slot.path).st_blocks * 512 >= slot.size
+    before = len(slots)
+    assert all(
+        same(x, y) for x, y in zip(procs, Loader(ds, 64, num_workers=0, shuffle_window=3), strict=True)
+    )
+    assert len(procs._pool.ring.slots) >= before
+    procs.close()
+    assert not segments()
