@@ -33,7 +33,8 @@ fields and ``index`` travel in the slot. Batches are not pinned (``ring``).
 
 Memory: ``cache_bytes`` is split between the workers (each caches the chunks of its own windows; a
 chunk read by windows of two workers is read twice); the ring holds ``2 * num_workers + 2`` slots
-of one full window each, plus one more for every window a consumer keeps alive.
+of one full window each (``2 * num_workers`` of them made, and their pages touched by the workers,
+before the workers report ready), plus one more for every window a consumer keeps alive.
 """
 
 from __future__ import annotations
