@@ -666,8 +666,9 @@ class _FirstHere:
     """A run's windows in process mode: the first built on the consumer's thread (no worker to wait
     for, as threads do: a fresh epoch's first batch waits for one small window, not for a message
     round trip and another process's build), the rest by the worker processes. The workers get
-    their jobs as soon as they are ready: right after the first window when they are started
-    (``loader.start()`` or an earlier run), else when the consumer asks for the second window."""
+    their jobs as soon as they are ready: before the first window is built when they are started
+    (``loader.start()`` or an earlier run; no GIL is shared, so they build the next windows
+    meanwhile), else when the consumer asks for the second window."""
 
     def __init__(self, loader: Loader, plan: EpochPlan, first: int) -> None:
         self.loader = loader
@@ -688,11 +689,10 @@ class _FirstHere:
     def __next__(self) -> batching.WindowRows:
         if self.here:
             self.here = False
-            rows = _Builder(self.loader, self.plan, self.first, only_first=True).build(self.first)
             pool = self.loader._pool
             if pool is not None and pool.ready and pool.broken is None:
-                self._workers()
-            return rows
+                self._workers()  # on their own CPUs, they start on the next windows meanwhile
+            return _Builder(self.loader, self.plan, self.first, only_first=True).build(self.first)
         return next(self._workers())
 
     def close(self) -> None:
