@@ -327,8 +327,9 @@ class PILArray(torch.utils.data.Dataset[tuple[torch.Tensor, int]]):
         return to_tensor(out), 0
 
 
-def _once(loader: hpstore.Loader) -> Callable[[], Iterable[Any]]:
-    return lambda: loader
+def _once(it: Iterable[Any]) -> Callable[[], Iterable[Any]]:
+    """One epoch of the same iterable each call (a loader, or a DataLoader with persistent workers)."""
+    return lambda: it
 
 
 def dataloader(ds: torch.utils.data.Dataset[Any], workers: int) -> Callable[[], Iterable[Any]]:
@@ -465,8 +466,8 @@ def run(cfg: BenchConfig, progress: Progress) -> list[Figure]:
         base_first.append(measure(dataloader(PILArray(pixels, 32), cores), lambda b: len(b[1]))[0])
         persistent = torch.utils.data.DataLoader(PILArray(pixels, 32), batch_size=BATCH, shuffle=True,
                                                  num_workers=cores, persistent_workers=True)  # fmt: skip
-        measure(lambda dl=persistent: dl, lambda b: len(b[1]))  # its first epoch starts the workers
-        base_later.append(measure(lambda dl=persistent: dl, lambda b: len(b[1]))[0])
+        measure(_once(persistent), lambda b: len(b[1]))  # its first epoch starts the workers
+        base_later.append(measure(_once(persistent), lambda b: len(b[1]))[0])
         del persistent
     shape = {"shape": list(pixels.shape[1:]), "samples": len(raw_ds), "workers": cores}
     figs.append(Figure(bench="images", name="hpstore raw 32x32 RandomResizedCrop(32) + flip, later epoch",
