@@ -13,6 +13,7 @@ import hpstore
 from benchmarks.images import (
     PILArray,
     PILFolder,
+    baseline_cpu_us,
     concurrent_decode_ms,
     decode_limit,
     decode_plans,
@@ -35,6 +36,7 @@ def test_baselines_and_limit_on_a_small_folder(tmp_path: Path) -> None:
         assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and label == files[3][1]
     x, _ = PILArray(np.zeros((2, 32, 32, 3), np.uint8), 32)[1]
     assert x.shape == (3, 32, 32)
+    assert baseline_cpu_us(PILArray(np.zeros((300, 32, 32, 3), np.uint8), 32), 300) > 0
     blobs = [Path(p).read_bytes() for p, _ in files]
     assert decode_limit(blobs, None) > 0 and decode_limit(blobs, 16) > 0
     # The other-files limit decodes the folder's PNGs (the JPEGs are in decode_limit's).
