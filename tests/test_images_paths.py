@@ -107,6 +107,21 @@ def test_compiled_resize_keeps_area_averaging_for_large_shrinks() -> None:
         np.testing.assert_array_equal(got[j], want[:, ::-1] if b.flip else want)
 
 
+@pytest.mark.parametrize("layout", ["chw", "hwc"])
+def test_whole_image_crops_are_copied_and_mirrored_along_the_width(layout: str) -> None:
+    """Crops of the whole image at the output size skip the resize: copied, mirrored where drawn."""
+    raw = raw_pixels(40)
+    idx = np.arange(40)
+    got, _ = run(RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), layout="hwc"), raw, idx, seed=5)
+    u = boxes.draws(5, 0, idx, boxes.RANDOM_DRAWS)
+    flips = u[:, -1] < 0.5
+    assert 0 < flips.sum() < 40
+    want = np.where(flips[:, None, None, None], raw[:, :, ::-1], raw)
+    np.testing.assert_array_equal(got, want)
+    chw, _ = run(RandomResizedCrop(32, scale=(1.0, 1.0), ratio=(1.0, 1.0), layout=layout), raw, idx, seed=5)
+    np.testing.assert_array_equal(chw, want.transpose(0, 3, 1, 2) if layout == "chw" else want)
+
+
 def test_stored_pixels_do_not_depend_on_how_the_window_is_cut() -> None:
     raw = raw_pixels(64)
     idx = np.arange(1000, 1064)

@@ -353,8 +353,8 @@ class ImageTransform:
         flips = crops[:, 4].astype(bool)
         if (h, w) == size and whole.all():  # nothing to resize (Decode, or a crop of the full size)
             np.copyto(out, px.transpose(0, 3, 1, 2) if chw else px)
-            if flips.any():
-                out[flips] = out[flips, ..., ::-1]
+            if flips.any():  # mirror the width axis: last for "chw", before the channels for "hwc"
+                out[flips] = out[flips][..., ::-1] if chw else out[flips][:, :, ::-1]
             return {}, 0, 0
         # Beyond LINEAR_SHRINK two taps would alias: those samples take the area path below.
         wide = np.maximum(crops[:, 2] / oh, crops[:, 3] / ow) > LINEAR_SHRINK
