@@ -27,7 +27,9 @@ Figures (``W`` = the machine's cores, used by both sides):
 4. **Steady-state CPU per sample** (warm): CPU of one loader over 1 and over 3 epochs; the slope
    ``(cpu3 - cpu1) / (2 n)`` is what one more epoch costs per sample (per-epoch costs spread over
    its n samples), the intercept ``cpu1 - n * slope`` what starting a loader costs (threads, store,
-   plan, first window). Read against the one-thread limit and against the **concurrent limit**: the
+   plan, first window) plus what the first epoch alone pays: chunks read, checked and decoded from
+   storage, which later epochs find in the loader's chunk cache when the store fits in it (a larger
+   store pays them every epoch). Read against the one-thread limit and against the **concurrent limit**: the
    same decodes on W threads at once, CPU per image (the cores slow each other down: shared caches,
    memory bandwidth, clock).
 5. **Raw 32x32**: a CIFAR-sized store of decoded pixels (as ``--image-decode`` stores them): 32x32
