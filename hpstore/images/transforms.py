@@ -10,9 +10,10 @@ or a fixed-shape uint8 array of decoded pixels ``(rows, H, W[, C])``, as ``tools
 --image-decode`` stores them.
 
 First the whole window is planned in the calling thread: encoded images' headers are read and
-every crop (and DCT scale) is drawn in one numpy call. Then the work is split into blocks of
-``BLOCK_ROWS`` rows run on the transform's own threads (``threads``); decoding, resizing and
-copying release the GIL, so threads scale with cores. The random draws of
+every crop (and DCT scale) is drawn in one numpy call. Then the work is split into blocks run on
+the transform's own threads (``threads``): ``BLOCK_ROWS`` rows of encoded images, one block per
+thread of stored pixels (resized by one compiled call per block, ``hpstore.images.resample``);
+decoding, resizing and copying release the GIL, so threads scale with cores. The random draws of
 each sample are a pure function of ``(seed, epoch, sample index)`` (``hpstore.images.boxes``), so
 the output does not depend on threads, workers or where an epoch was resumed.
 
