@@ -45,26 +45,28 @@ def resized_crops(px: Any, crops: Any, out: Any, todo: Any) -> None:
     x0 = np.empty(ow, np.int64)
     x1 = np.empty(ow, np.int64)
     wx = np.empty(ow, np.int32)
-    rows = np.empty((channels, px.shape[1], ow), np.int32)
+    rows = np.empty((px.shape[1], channels, ow), np.int32)
     for j in range(n):
         if not todo[j]:
             continue
         top, left, ch, cw, flip = crops[j, 0], crops[j, 1], crops[j, 2], crops[j, 3], crops[j, 4]
         taps(0, ch, oh, y0, y1, wy)
         taps(left, cw, ow, x0, x1, wx)
-        for y in range(ch):  # horizontal pass over the crop's rows, mirrored when flip
+        if flip:  # the mirror is the columns' taps in reverse order (no branch in the loops)
+            x0[:] = x0[::-1].copy()
+            x1[:] = x1[::-1].copy()
+            wx[:] = wx[::-1].copy()
+        for y in range(ch):  # horizontal pass over the crop's rows, one channel plane at a time
             src = px[j, top + y]
-            for ox in range(ow):
-                tx = ow - 1 - ox if flip else ox
-                p = x0[ox]
-                q = x1[ox]
-                v = wx[ox]
-                for c in range(channels):
-                    rows[c, y, tx] = np.int32(src[p, c]) * (ONE - v) + np.int32(src[q, c]) * v
+            for c in range(channels):
+                r = rows[y, c]
+                for ox in range(ow):
+                    v = wx[ox]
+                    r[ox] = np.int32(src[x0[ox], c]) * (ONE - v) + np.int32(src[x1[ox], c]) * v
         for c in range(channels):  # vertical pass, contiguous along each output row
             for oy in range(oh):
-                ra = rows[c, y0[oy]]
-                rb = rows[c, y1[oy]]
+                ra = rows[y0[oy], c]
+                rb = rows[y1[oy], c]
                 w = wy[oy]
                 w0 = ONE - w
                 dst = out[j, c, oy]

@@ -340,7 +340,7 @@ class ImageTransform:
         block's output slots, in the transform's layout). All samples share one shape, so the crops
         were drawn for the whole window and the channel conversion is done once per block. The
         resize is one compiled GIL-free call for the block (``hpstore.images.resample``; 256 crops
-        of 32x32 on one thread: ~7 us a sample against ~11 for the per-sample OpenCV loop, which
+        of 32x32 on one thread: ~5 us a sample against ~10 for the per-sample OpenCV loop, which
         also holds the GIL for most of its time); without numba, OpenCV per sample."""
         n, h, w = px.shape[0], px.shape[1], px.shape[2]
         try:
