@@ -10,9 +10,10 @@ or a fixed-shape uint8 array of decoded pixels ``(rows, H, W[, C])``, as ``tools
 --image-decode`` stores them.
 
 First the whole window is planned in the calling thread: encoded images' headers are read and
-every crop (and DCT scale) is drawn in one numpy call. Then the work is split into blocks of
-``BLOCK_ROWS`` rows run on the transform's own threads (``threads``); decoding, resizing and
-copying release the GIL, so threads scale with cores. The random draws of
+every crop (and DCT scale) is drawn in one numpy call. Then the work is split into blocks run on
+the transform's own threads (``threads``): ``BLOCK_ROWS`` rows of encoded images, one block per
+thread of stored pixels (resized by one compiled call per block, ``hpstore.images.resample``);
+decoding, resizing and copying release the GIL, so threads scale with cores. The random draws of
 each sample are a pure function of ``(seed, epoch, sample index)`` (``hpstore.images.boxes``), so
 the output does not depend on threads, workers or where an epoch was resumed.
 
@@ -38,7 +39,7 @@ import pyarrow as pa
 
 from hpstore.counters import Counters
 from hpstore.errors import InputError
-from hpstore.images import boxes
+from hpstore.images import boxes, resample
 from hpstore.images.decode import CorruptImageError, decode, decode_jpeg, is_jpeg, jpeg_size, probe
 
 BLOCK_ROWS = 32
@@ -178,7 +179,13 @@ class ImageTransform:
             raise InputError(f"field {field!r}: decoded images must be (rows, H, W[, C]), got {values.shape}")
         size = self._out_size(values)
         u = boxes.draws(seed, epoch, indices, self.draws) if self.draws else np.empty((n, 0))
-        blocks = [(a, min(a + BLOCK_ROWS, n)) for a in range(0, n, BLOCK_ROWS)]
+        # Stored pixels cost the same per row: one block per thread (a compiled call and a task
+        # hand-off per block; 32-row blocks measured ~25% more CPU a sample). Encoded images vary
+        # a lot per row, so small blocks balance the threads.
+        step = BLOCK_ROWS
+        if isinstance(values, np.ndarray):
+            step = max(BLOCK_ROWS, -(-n // max(1, self.threads)))
+        blocks = [(a, min(a + step, n)) for a in range(0, n, step)]
         # Every crop of the window is drawn in one numpy call (per block, the fixed cost of the
         # vectorised draw was ~10 us a sample at 32 rows): stored pixels share one shape; encoded
         # images have their headers read first (~7 us each, in this thread).
@@ -230,14 +237,7 @@ class ImageTransform:
         t0 = time.thread_time()
         a, b = block
         if isinstance(values, np.ndarray):
-            # Small stored pixels: the block lands channels-last in ``dst`` (an output slice for
-            # "hwc", else scratch moved channels-first by one transposed copy for the whole block).
-            oh, ow = size
-            hwc = self.layout == "hwc"
-            dst = out[a:b] if hwc else np.empty((b - a, oh, ow, self.channels), np.uint8)
-            failed, reduced, pixels = self._raw(values[a:b], window.crops[a:b], dst, size)
-            if not hwc:
-                np.copyto(out[a:b], dst.transpose(0, 3, 1, 2))
+            failed, reduced, pixels = self._raw(values[a:b], window.crops[a:b], out[a:b], size)
         else:
             failed, reduced, pixels = self._encoded(a, b, row, window, out, size)
         bad: list[int] = []
@@ -334,14 +334,14 @@ class ImageTransform:
         return failed, reduced, pixels
 
     def _raw(
-        self, px: np.ndarray, crops: np.ndarray, dst: np.ndarray, size: tuple[int, int]
+        self, px: np.ndarray, crops: np.ndarray, out: np.ndarray, size: tuple[int, int]
     ) -> tuple[dict[int, BaseException], int, int]:
-        """Crop, resize and flip a block of stored pixels ``(rows, H, W[, C])`` into ``dst`` (rows,
-        oh, ow, c). All samples share one shape, so the crops were drawn for the whole window and
-        the channel conversion is done once per block; the per-sample loop is two OpenCV calls
-        (measured on 256 32x32 crops, one thread: 9-16 us a sample, against 49-77 for
-        ``torch.nn.functional.grid_sample`` and 97-146 for separable interpolation by ``matmul``
-        on the whole window, conversions included)."""
+        """Crop, resize and flip a block of stored pixels ``(rows, H, W[, C])`` into ``out`` (the
+        block's output slots, in the transform's layout). All samples share one shape, so the crops
+        were drawn for the whole window and the channel conversion is done once per block. The
+        resize is one compiled GIL-free call for the block (``hpstore.images.resample``; 256 crops
+        of 32x32 on one thread: ~5 us a sample against ~10 for the per-sample OpenCV loop, which
+        also holds the GIL for most of its time); without numba, OpenCV per sample."""
         n, h, w = px.shape[0], px.shape[1], px.shape[2]
         try:
             self._check(h, w, size)
@@ -349,30 +349,35 @@ class ImageTransform:
         except ValueError as exc:
             return dict.fromkeys(range(n), exc), 0, 0
         oh, ow = size
+        chw = self.layout == "chw"
         whole = (crops[:, 0] == 0) & (crops[:, 1] == 0) & (crops[:, 2] == h) & (crops[:, 3] == w)
         flips = crops[:, 4].astype(bool)
         if (h, w) == size and whole.all():  # nothing to resize (Decode, or a crop of the full size)
-            np.copyto(dst, px)
-            if flips.any():
-                dst[flips] = dst[flips, :, ::-1]
+            np.copyto(out, px.transpose(0, 3, 1, 2) if chw else px)
+            if flips.any():  # mirror the width axis: last for "chw", before the channels for "hwc"
+                out[flips] = out[flips][..., ::-1] if chw else out[flips][:, :, ::-1]
             return {}, 0, 0
-        one = self.channels == 1  # OpenCV sees (h, w) images for one channel
-        src, to = (px[..., 0], dst[..., 0]) if one else (px, dst)
+        # Beyond LINEAR_SHRINK two taps would alias: those samples take the area path below.
         wide = np.maximum(crops[:, 2] / oh, crops[:, 3] / ow) > LINEAR_SHRINK
-        linear = cv2.INTER_LINEAR
-        for j, (top, left, ch, cw, flip) in enumerate(crops.tolist()):
-            slot = to[j]
-            if wide[j]:
-                _resize_into(px[j, top : top + ch, left : left + cw], dst[j])
-            else:
-                got = cv2.resize(
-                    src[j, top : top + ch, left : left + cw], (ow, oh), dst=slot, interpolation=linear
-                )
-                if got is not slot:  # OpenCV writes in place only into a contiguous slot
-                    np.copyto(slot, got)
-            if flip:
-                _flip(dst[j])
+        compiled = resample.kernel()
+        if compiled is not None:
+            compiled(px, crops, out if chw else out.transpose(0, 3, 1, 2), ~wide)
+            for j in np.flatnonzero(wide).tolist():
+                self._raw_one(px[j], crops[j].tolist(), out[j], chw)
+            return {}, 0, 0
+        for j, box in enumerate(crops.tolist()):
+            self._raw_one(px[j], box, out[j], chw)
         return {}, 0, 0
+
+    def _raw_one(self, px: np.ndarray, box: list[int], slot: np.ndarray, chw: bool) -> None:
+        """One sample of stored pixels through OpenCV (``_resize_into``), into its output slot."""
+        top, left, ch, cw, flip = box
+        hwc = np.empty((*slot.shape[1:], slot.shape[0]), np.uint8) if chw else slot
+        _resize_into(px[top : top + ch, left : left + cw], hwc)
+        if flip:
+            _flip(hwc)
+        if chw:
+            _planes(hwc, slot)
 
     def _check(self, height: int, width: int, size: tuple[int, int]) -> None:
         """Refuse an image this transform cannot use (``ValueError``)."""
