@@ -91,7 +91,7 @@ from hpstore.loading.options import (
     LoaderOptions,
 )
 from hpstore.loading.plan import EpochPlan, History, PlanSpec
-from hpstore.loading.prefetch import Prefetcher
+from hpstore.loading.prefetch import Prefetcher, ThreadGroup
 from hpstore.loading.workers import ProcessWindows, WorkerPool, WorkerSetup, slot_bytes
 from hpstore.memory import keep_freed_memory
 from hpstore.storage.base import Range
@@ -264,6 +264,12 @@ class Loader:
             raise InputError("workers='processes' does not run per-field transforms; use threads")
         if self.worker_kind == "processes":
             self._pool = self._start_pool()  # spawning now: ready by the time batches are asked for
+        # The window-building threads, kept from one epoch (run) to the next; they exit when the
+        # loader is closed or collected.
+        self._threads: ThreadGroup | None = None
+        if self.worker_kind == "threads" and o.num_workers:
+            self._threads = ThreadGroup(o.num_workers)
+            weakref.finalize(self, self._threads.close)
         self._epoch = 0
         self._step = 0
         self._history: History = ()  # earlier runs of this epoch on other world sizes
@@ -442,6 +448,8 @@ class Loader:
         needed)."""
         self._close_run()
         self.fetcher.close()
+        if self._threads is not None:
+            self._threads.close()
         if self._pool is not None:
             self._pool.close()
             self._pool = None
@@ -701,6 +709,7 @@ class _Run:
                 budget_bytes=loader.prefetch_bytes,
                 cost=builder.cost,
                 inline_first=1,  # the first window on this thread: no thread start or hand-off to wait for
+                threads=loader._threads,
             )
         self.current: batching.WindowRows | None = None
         self.k = 0
