@@ -308,9 +308,7 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
     with StoreWriter(
         storage, layout=cfg.layout_config().layout(), overwrite=cfg.overwrite, source=record
     ) as writer:
-        outs = {
-            n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}, dtype) for n in names
-        }
+        outs = {n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}, dtype) for n in names}
         workers = max(1, cfg.workers)
         # Pieces tokenized ahead of the one being appended: while the main thread waits for the
         # encode pool (at most 2 chunks per encoder in flight), the tokenizers keep going.

@@ -169,7 +169,9 @@ class Prefetcher(Generic[J, T]):
         self._threads = (
             []
             if self._group is not None
-            else [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+            else [
+                threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)
+            ]
         )
         self._inline_first = min(inline_first, len(jobs)) if workers else 0
         self._started = False
