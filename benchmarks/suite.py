@@ -39,9 +39,10 @@ from benchmarks.report import FAILED, OK, Console, ModuleResult
 PACKAGE = "benchmarks"
 ORDER = ("limits", "codecs", "ingest", "loader", "remote", "checkpoint", "sharded", "trainer")
 """The default run, in order. A module listed here but not written yet is reported as failed."""
-OPT_IN = ("sweep", "images")
+OPT_IN = ("sweep", "images", "fresh")
 """Modules that run only when asked for (``--sweep`` or ``--only``). ``images`` fetches a Debian
-package of photographs on first use and takes minutes: ``--only images``."""
+package of photographs on first use and takes minutes: ``--only images``. ``fresh`` repeats
+first-epoch figures of ``loader`` on their own, for a quiet machine: ``--only fresh``."""
 INFRASTRUCTURE = frozenset({"common", "suite", "report", "plots", "machine", "cache", "consumer", "__main__"})
 QUICK_BUDGET_S = 30.0
 """What one module's ``--quick`` run may take (the suite's --quick must stay under 3 minutes)."""

@@ -184,3 +184,63 @@ def test_policies_share_one_interface() -> None:
         assert policy.victim() == "a"
         policy.remove("a")
         assert policy.victim() is None
+
+
+@pytest.mark.parametrize("budget", [0, 10_000])
+def test_keys_fetched_ahead_are_fetched_once_on_the_other_thread_even_when_not_admitted(budget: int) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = Source(delay=0.05)
+    cache = ChunkCache(budget, src)
+    cache.plan(["a", "b", "c"])
+    threads: list[str] = []
+
+    def submit(job: Any) -> Any:
+        def named() -> None:
+            threads.append(threading.current_thread().name)
+            job()
+
+        return pool.submit(named)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ahead") as pool:
+        assert cache.fetch_ahead(["b", "c"], submit) == 2
+        assert cache.fetch_ahead(["b", "c"], submit) == 0  # already in flight: not started twice
+        a, b, c = cache.get_many(["a", "b", "c"], [0, 1, 2])  # b and c: waited for, not fetched again
+    assert [a[0], b[0], c[0]] == [hash(k) % 251 for k in "abc"]
+    assert sorted(src.fetched) == ["a", "b", "c"] and ["b", "c"] in src.calls
+    assert threads == ["ahead_0"]
+    assert cache.stats.ahead == 2 and cache.stats.misses == 3 and cache.stats.hits == 2
+    assert ("b" in cache) is (budget > 0)
+    (b,) = cache.get_many(["b"])  # once handed over, a value the budget refused is gone
+    assert len(src.fetched) == (3 if budget else 4)
+
+
+def test_a_failed_fetch_ahead_raises_in_the_request_that_waits_for_it() -> None:
+    gate = threading.Event()
+    src = Source(fail={"x"})
+    cache = ChunkCache(10_000, lambda keys: gate.wait(10) and src(keys))  # type: ignore[arg-type, return-value]
+    ahead: list[threading.Thread] = []
+
+    def submit(job: Any) -> None:
+        ahead.append(threading.Thread(target=job))
+        ahead[-1].start()
+
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            cache.get_many(["x"])
+        except OSError as exc:
+            errors.append(exc)
+
+    cache.fetch_ahead(["x"], submit)
+    waiter = threading.Thread(target=request)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while cache.stats.hits == 0 and time.monotonic() < deadline:  # the request waits on the fetch
+        time.sleep(0.001)
+    gate.set()
+    waiter.join()
+    ahead[0].join()
+    assert [str(e) for e in errors] == ["cannot read x"]
+    assert "x" not in cache and src.fetched == ["x"]  # the failure reached the waiter: no refetch

@@ -530,3 +530,46 @@ def test_split_cuts_the_byte_stream_into_equal_runs() -> None:
         staging._run(parts)
         for d, s in zip(dsts, srcs, strict=True):
             assert np.array_equal(d, s)
+
+
+def test_repeated_saves_reuse_their_copy_tasks_and_still_see_every_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gc
+    import weakref
+
+    monkeypatch.setattr(staging, "COPY_SLICE", 1000)
+    monkeypatch.setattr(staging, "COPY_INLINE", 0)
+    monkeypatch.setattr(staging.os, "cpu_count", lambda: 2)
+    g = torch.Generator().manual_seed(3)
+    state: dict[str, Any] = {
+        "w": torch.randn(64, 64, generator=g),
+        "b": torch.randn(700, generator=g),
+        "step": 0,
+    }
+    ck = Checkpointer(str(tmp_path), layout=SMALL, keep=10)
+
+    def save(step: int) -> None:
+        state["step"] = step
+        ck.save(step, state)
+        ck.wait()
+        assert_same(
+            {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}, ck.load(step)
+        )
+
+    save(0)
+    tasks = ck._staging.stats.copy_tasks
+    reused = ck._plan[2].reuse["parts"] if ck._plan else None
+    with torch.no_grad():
+        state["w"].add_(1)  # in place: same tensors, same addresses
+    save(1)
+    assert ck._plan is not None and ck._plan[2].reuse["parts"] is reused  # the same tasks ran again
+    assert ck._staging.stats.copy_tasks == 2 * tasks
+    state["w"].t_()  # same object, same address, another layout: rebuilt
+    save(2)
+    old = weakref.ref(state["b"])
+    state["b"] = torch.randn(700, generator=g)  # a new tensor of the same shape: rebuilt
+    save(3)
+    gc.collect()
+    assert old() is None  # the reused tasks never held the replaced tensor
+    assert ck._plan is not None and ck._plan[2].reuse.get("parts") is not reused

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -266,9 +267,12 @@ def _threads() -> set[threading.Thread]:
     return {t for t in threading.enumerate() if t.name.startswith("hpstore-prefetch")}
 
 
-def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(tmp_path: Path, data: dict[str, Any]) -> None:
+@pytest.mark.parametrize("workers", [0, 2])  # 0: the error comes from a read-ahead
+def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(
+    tmp_path: Path, data: dict[str, Any], workers: int
+) -> None:
     ds = write(tmp_path / "s", data)
-    loader = Loader(ds, 32, fields=["image"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 14)
+    loader = Loader(ds, 32, fields=["image"], num_workers=workers, cache_bytes=0, prefetch_bytes=1 << 14)
     it = iter(loader)
     next(it)
     shards = sorted((tmp_path / "s").rglob("image/c/*/0/0"))
@@ -285,13 +289,16 @@ def test_a_corrupt_chunk_mid_epoch_raises_naming_the_object(tmp_path: Path, data
     assert not _threads()
 
 
-@pytest.mark.parametrize("damage", ["delete", "truncate"])
+# With 0 workers window 1 is read ahead before the damage, and a mapped Arrow chunk read before an
+# in-place truncate ends the process with SIGBUS when touched (hpstore never truncates its files:
+# new ones are renamed in), so truncation is tested where nothing is read ahead.
+@pytest.mark.parametrize(("damage", "workers"), [("delete", 0), ("delete", 2), ("truncate", 2)])
 def test_a_vanished_or_truncated_object_raises_instead_of_short_batches(
-    tmp_path: Path, data: dict[str, Any], damage: str
+    tmp_path: Path, data: dict[str, Any], damage: str, workers: int
 ) -> None:
     ds = write(tmp_path / "s", data)
     loader = Loader(
-        ds, 32, fields=["label", "blob", "image"], num_workers=2, cache_bytes=0, prefetch_bytes=1 << 12
+        ds, 32, fields=["label", "blob", "image"], num_workers=workers, cache_bytes=0, prefetch_bytes=1 << 12
     )
     it = iter(loader)
     delivered = len(next(it)["label"])
@@ -461,3 +468,37 @@ def test_mapped_and_read_chunks_give_the_same_batches(
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k]
+
+
+def test_without_window_threads_the_next_window_is_read_ahead_while_the_consumer_works(
+    ds: hpstore.Dataset,
+) -> None:
+    def run(workers: int) -> tuple[list[tuple[int, ...]], Loader]:
+        loader = Loader(
+            ds, 40, fields=["image", "label"], with_index=True, num_workers=workers, shuffle_window=2
+        )
+        it = iter(loader)
+        out = [tuple(next(it)["index"].tolist())]
+        if workers == 0:
+            plan = loader._plan(0)
+            assert plan.num_windows >= 3
+            first = set(plan.window_chunks(0))
+            second = len(set(plan.window_chunks(1)) - first) * 2  # window 1's new (field, chunk) keys
+            deadline = time.monotonic() + 10
+            # The consumer holds window 0 and asks for nothing: window 1 is read and decoded anyway.
+            while loader.stats["chunk_ahead"] < second and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert loader.stats["chunk_ahead"] == second
+            assert loader.stats["chunk_misses"] == len(first) * 2 + second
+        out += [tuple(b["index"].tolist()) for b in it]
+        return out, loader
+
+    ahead, loader = run(0)
+    assert ahead == run(2)[0]
+    windows = loader._plan(0).num_windows
+    s = loader.stats
+    first = len(loader._plan(0).window_chunks(0)) * 2
+    assert s["chunk_misses"] - s["chunk_ahead"] == first  # every window's chunks but the first's
+    assert s["windows"] == windows
+    loader.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("hpstore-ahead")]

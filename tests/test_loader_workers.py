@@ -15,6 +15,7 @@ import torch
 import hpstore
 from hpstore import Loader
 from hpstore.errors import CorruptObjectError, InputError
+from hpstore.loading.loader import _Builder, _FirstHere
 from hpstore.loading.ring import PREFIX, shm_dir
 from hpstore.loading.workers import WorkerError
 from tests.support.resume import check_resume
@@ -277,3 +278,34 @@ def test_each_runs_first_window_is_built_by_the_consumer_and_the_rest_by_the_wor
     assert loader._io.windows == 3
     loader.close()
     reference.close()
+
+
+def test_started_workers_have_touched_their_first_slots_and_build_while_the_first_window_is_built_here(
+    ds: hpstore.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    procs = Loader(ds, 64, num_workers=2, workers="processes", shuffle_window=3)
+    assert procs._pool is not None
+    slots = list(procs._pool.ring.slots)
+    assert len(slots) == 4  # two per worker, made with the pool
+    procs.start()
+    for slot in slots:  # tmpfs counts the pages a slot holds: all of them, before any window
+        assert os.stat(slot.path).st_blocks * 512 >= slot.size
+    it = iter(procs)
+    run = procs._run() if procs._run is not None else None
+    assert run is not None and isinstance(run.prefetcher, _FirstHere)
+    jobs_before_build: list[int] = []
+    build = _Builder.build
+
+    def spy(self: _Builder, j: int) -> Any:
+        rest = run.prefetcher.rest  # type: ignore[union-attr]
+        jobs_before_build.append(len(rest.pending) if rest is not None else 0)
+        return build(self, j)
+
+    monkeypatch.setattr(_Builder, "build", spy)
+    first = next(it)
+    # Started workers got the next windows' jobs before this process built the first window.
+    assert len(jobs_before_build) == 1 and jobs_before_build[0] > 0
+    reference = Loader(ds, 64, num_workers=0, shuffle_window=3)
+    assert all(same(x, y) for x, y in zip([first, *it], reference, strict=True))
+    procs.close()
+    assert not segments()

@@ -17,16 +17,24 @@ one of the cores every region waits a scheduler slice for its second thread — 
 2-core machine, a 64 MB state of 192 tensors took 0.2–0.6 s instead of 12 ms. Byte slices on our own
 threads have no barrier per tensor and use every core on one large tensor.
 
+Repeated saves of one state (the same tensors, updated in place) reuse the copy tasks of the last
+save: the per-tensor views and the split cost ~25 µs a tensor, 5 ms for a 192-tensor state, a
+quarter of its copy. The tasks address the sources' memory without holding them, so they are used
+only when every leaf is the same tensor object at the same address and layout as when they were
+made (``_layout_key``); anything else rebuilds them.
+
 Hazard: the buffer is shared by consecutive snapshots, so a snapshot must be fully persisted
 before the next one is taken. The checkpointer guarantees it (at most one save in flight).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -59,6 +67,7 @@ class Slots:
     buffer: torch.Tensor
     views: list[np.ndarray]  # per leaf: its slot's bytes
     targets: list[torch.Tensor | np.ndarray | None]  # per leaf: its slot with its dtype and shape
+    reuse: dict[str, Any] = field(default_factory=dict)  # the last snapshot's tasks, by layout key
 
 
 @dataclass
@@ -120,6 +129,14 @@ class StagingBuffer:
         """Copy every leaf into its slot (``slots`` made by ``slots()`` for leaves like these)."""
         if not self.holds(slots):
             raise ValueError("staging slots are stale: the buffer was reallocated")
+        key = _layout_key(leaves)
+        if key is not None and slots.reuse.get("key") == key:
+            parts = slots.reuse["parts"]
+            self.stats.bytes_copied += slots.reuse["bytes"]
+            self.stats.copy_tasks += sum(len(p) for p in parts)
+            _run(parts)
+            return Snapshot(views=slots.views)
+        slots.reuse.clear()
         devices = set()
         pairs: list[tuple[np.ndarray, np.ndarray]] = []  # (slot bytes, source bytes)
         others: list[Callable[[], None]] = []  # copies that convert: one task each
@@ -147,6 +164,9 @@ class StagingBuffer:
                 pairs.append((view, src))
             host_bytes += view.nbytes
         workers = min(os.cpu_count() or 1, COPY_THREADS) if host_bytes >= COPY_INLINE else 1
+        if key is not None and not others and not devices:  # every leaf a plain host tensor
+            pairs = [(dst, _unowned(src)) for dst, src in pairs]
+            slots.reuse.update(key=key, bytes=host_bytes, parts=_split(pairs, workers))
         parts = _split(pairs, workers)
         for i, task in enumerate(others):
             parts[i % workers].append(task)
@@ -163,6 +183,26 @@ class StagingBuffer:
         """Drop the buffer (freed once no ``Slots`` refer to it; the next ``slots()`` makes a new one)."""
         self._buf = None
         self.stats.capacity = 0
+
+
+def _layout_key(leaves: Sequence[Leaf]) -> tuple[object, ...] | None:
+    """What makes the last snapshot's copy tasks valid again: each leaf's identity, address and
+    layout (shapes and dtypes are fixed by the slots); ``None`` unless every leaf is a host tensor."""
+    key: list[object] = []
+    for t in leaves:
+        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+            return None
+        key.append((id(t), t.data_ptr(), t.stride(), t.is_conj(), t.is_neg()))
+    return tuple(key)
+
+
+def _unowned(src: np.ndarray) -> np.ndarray:
+    """The same bytes, through a view that does not keep their owner alive (reused copy tasks
+    must not pin a replaced state's tensors; ``_layout_key`` guards their use)."""
+    if not src.nbytes:
+        return src
+    raw = (ctypes.c_char * src.nbytes).from_address(src.ctypes.data)
+    return np.frombuffer(raw, dtype=np.uint8)  # type: ignore[call-overload]
 
 
 def _tensor_bytes(t: torch.Tensor) -> np.ndarray | None:

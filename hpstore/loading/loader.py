@@ -23,7 +23,8 @@ Semantics worth knowing:
   same number of steps; ``drop_last=True`` leaves out fewer than ``world_size·batch_size`` samples
   instead and every batch is full). See ``hpstore.loading.plan``.
 - ``num_workers`` is the number of background threads that build windows (read, decode, gather)
-  ahead of the consumer; ``0`` builds them in the consumer's thread when needed. Local files are
+  ahead of the consumer; ``0`` builds them in the consumer's thread when needed, while a read-ahead
+  thread reads and decodes the next window's chunks (``ChunkCache.fetch_ahead``). Local files are
   also read and decoded ``io_threads`` chunks at a time within a window (remote backends issue the
   ranges concurrently themselves). The output order does not depend on either.
 - ``workers="threads"`` (default) or ``"processes"``: with processes the windows are built in
@@ -65,7 +66,7 @@ import dataclasses
 import threading
 import time
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any
@@ -431,6 +432,7 @@ class Loader:
         out.update(
             chunk_hits=c.hits,
             chunk_misses=c.misses,
+            chunk_ahead=c.ahead,
             chunk_hit_rate=c.hit_rate,
             chunk_hit_bytes=c.hit_bytes,
             chunk_byte_hit_rate=c.byte_hit_rate,
@@ -512,6 +514,7 @@ class ChunkFetcher:
         self.disk_cache = disk_cache
         self.io_threads = io_threads
         self._pool: ThreadPoolExecutor | None = None
+        self._ahead: ThreadPoolExecutor | None = None
         self._pool_lock = threading.Lock()
         self._raw_fields: dict[str, bool] = {}
 
@@ -569,6 +572,14 @@ class ChunkFetcher:
         self._io.add(read_seconds=t1 - t0, decode_seconds=time.perf_counter() - t1)
         return chunk
 
+    def ahead(self, job: Callable[[], None]) -> None:
+        """Run ``job`` (a read-ahead of the cache) on the read-ahead thread, started when needed."""
+        with self._pool_lock:
+            if self._ahead is None:
+                self._ahead = ThreadPoolExecutor(1, thread_name_prefix="hpstore-ahead")
+                weakref.finalize(self, self._ahead.shutdown, wait=False)
+            self._ahead.submit(job)
+
     def _io_pool(self) -> ThreadPoolExecutor | None:
         """The read/decode threads, for backends whose ``read_ranges`` is a serial loop."""
         if self.io_threads < 2 or self.reader.storage.capabilities.concurrent_ranges:
@@ -582,9 +593,11 @@ class ChunkFetcher:
     def close(self) -> None:
         """Stop the read threads (started again when needed)."""
         with self._pool_lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools = (self._ahead, self._pool)
+            self._ahead = self._pool = None
+        for pool in pools:  # read-ahead first: its jobs use the read threads
+            if pool is not None:
+                pool.shutdown(wait=True)
 
 
 class _Builder:
@@ -596,7 +609,12 @@ class _Builder:
     ) -> None:
         self.loader = loader
         self.plan = plan
+        self.future: list[tuple[str, int]] = []
         self.bases = self._plan_cache(first_window, only_first)
+        # Built on the consumer's thread (no window threads): while it works on window j, window
+        # j+1's chunks are read and decoded on the fetcher's read-ahead thread, so the consumer,
+        # the gather and the decode overlap as they do with window threads.
+        self.read_ahead = loader.num_workers == 0 and not only_first
 
     def _plan_cache(self, first_window: int, only_first: bool) -> dict[int, int]:
         """Give the cache this run's chunk accesses and the next epoch's (so what the next epoch
@@ -607,12 +625,13 @@ class _Builder:
             chunks = self.loader._stored_chunks(self.plan, self.plan.window_chunks(first_window))
             self.loader.cache.plan([(name, c) for c in chunks for name in names])
             return {first_window: 0}
-        future: list[tuple[str, int]] = []
+        future = self.future
         bases: dict[int, int] = {}
         for j, chunks in enumerate(self.plan.chunks_by_window(first_window), start=first_window):
             bases[j] = len(future)
             chunks = self.loader._stored_chunks(self.plan, chunks)
             future.extend((name, c) for c in chunks for name in names)
+        bases[self.plan.num_windows] = len(future)  # where this run's accesses end
         following = self.loader._plan(self.plan.epoch + 1)
         for chunks in following.chunks_by_window():
             chunks = self.loader._stored_chunks(following, chunks)
@@ -630,6 +649,9 @@ class _Builder:
         keys = [(name, c) for c in loader._stored_chunks(self.plan, window.chunks) for name in loader.fields]
         base = self.bases[j]
         values = loader.cache.get_many(keys, range(base, base + len(keys)))
+        if self.read_ahead and j + 1 < self.plan.num_windows:
+            ahead = self.future[self.bases[j + 1] : self.bases[j + 2]]
+            loader.cache.fetch_ahead(ahead, loader.fetcher.ahead)
         chunks = dict(zip(keys, values, strict=True))
         t0 = time.perf_counter()
         if loader.view is not None:
@@ -663,8 +685,9 @@ class _FirstHere:
     """A run's windows in process mode: the first built on the consumer's thread (no worker to wait
     for, as threads do: a fresh epoch's first batch waits for one small window, not for a message
     round trip and another process's build), the rest by the worker processes. The workers get
-    their jobs as soon as they are ready: right after the first window when they are started
-    (``loader.start()`` or an earlier run), else when the consumer asks for the second window."""
+    their jobs as soon as they are ready: before the first window is built when they are started
+    (``loader.start()`` or an earlier run; no GIL is shared, so they build the next windows
+    meanwhile), else when the consumer asks for the second window."""
 
     def __init__(self, loader: Loader, plan: EpochPlan, first: int) -> None:
         self.loader = loader
@@ -685,11 +708,10 @@ class _FirstHere:
     def __next__(self) -> batching.WindowRows:
         if self.here:
             self.here = False
-            rows = _Builder(self.loader, self.plan, self.first, only_first=True).build(self.first)
             pool = self.loader._pool
             if pool is not None and pool.ready and pool.broken is None:
-                self._workers()
-            return rows
+                self._workers()  # on their own CPUs, they start on the next windows meanwhile
+            return _Builder(self.loader, self.plan, self.first, only_first=True).build(self.first)
         return next(self._workers())
 
     def close(self) -> None:

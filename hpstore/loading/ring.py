@@ -79,6 +79,11 @@ class Ring:
         self._paths: list[str] = []
         self._finalizer = weakref.finalize(self, _unlink_all, self._paths)
 
+    def reserve(self, count: int) -> list[Slot]:
+        """Create slots (free) until there are ``count``; the new ones."""
+        with self._lock:
+            return [self._create(self.slot_bytes) for _ in range(count - len(self.slots))]
+
     def take(self, nbytes: int, *, grow: bool) -> Slot | None:
         """A slot nobody uses (not in flight, no tensor over it alive) of at least ``nbytes``;
         a new one when there is none and ``grow``, else ``None``."""
@@ -152,6 +157,13 @@ class Mapped:
 
     def __init__(self) -> None:
         self._maps: dict[str, mmap.mmap] = {}
+
+    def warm(self, path: str, size: int) -> None:
+        """Map a slot and touch each of its pages: a fresh slot's first write otherwise pays the
+        file system's page allocation on the window it carries (a 16 MiB slot: ~20 ms)."""
+        pages = np.frombuffer(self.get(path, size), dtype=np.uint8)
+        pages[:: mmap.PAGESIZE] = 0
+        del pages
 
     def get(self, path: str, size: int) -> mmap.mmap:
         m = self._maps.get(path)

@@ -33,7 +33,8 @@ fields and ``index`` travel in the slot. Batches are not pinned (``ring``).
 
 Memory: ``cache_bytes`` is split between the workers (each caches the chunks of its own windows; a
 chunk read by windows of two workers is read twice); the ring holds ``2 * num_workers + 2`` slots
-of one full window each, plus one more for every window a consumer keeps alive.
+of one full window each (``2 * num_workers`` of them made, and their pages touched by the workers,
+before the workers report ready), plus one more for every window a consumer keeps alive.
 """
 
 from __future__ import annotations
@@ -128,11 +129,15 @@ class WorkerPool:
             ctx.set_forkserver_preload([__name__])
         self.procs: list[BaseProcess] = []
         self.conns: list[Connection] = []
+        # The slots a run's first jobs go to, made now and touched by the workers before they say
+        # they are ready, so no window waits for its slot's pages to be allocated.
+        first = [(slot.path, slot.size) for slot in self.ring.reserve(2 * setup.workers)]
         try:
             for i in range(setup.workers):
                 mine, theirs = ctx.Pipe(duplex=True)
+                warm = first[i :: setup.workers]
                 p = ctx.Process(
-                    target=serve, args=(theirs, i, setup), name=f"hpstore-worker-{i}", daemon=True
+                    target=serve, args=(theirs, i, setup, warm), name=f"hpstore-worker-{i}", daemon=True
                 )
                 p.start()
                 theirs.close()
@@ -353,12 +358,15 @@ def _unpack(packed: tuple[bytes | None, str, str], worker: int) -> BaseException
 # -- the worker's side ---------------------------------------------------------------------------------
 
 
-def serve(conn: Connection, index: int, setup: WorkerSetup) -> None:
-    """A worker process's loop: answer ``run`` / ``build`` / ``cancel`` / ``stop`` messages in order."""
+def serve(conn: Connection, index: int, setup: WorkerSetup, warm: list[tuple[str, int]]) -> None:
+    """A worker process's loop: answer ``run`` / ``build`` / ``cancel`` / ``stop`` messages in order.
+    ``warm``: slots to map and touch before saying it is ready."""
     torch.set_num_threads(1)  # the consumer's cores are not ours to oversubscribe
     try:
         pin_this_process(setup.cpus)  # before any thread starts: the io threads inherit it
         builder = _WorkerBuilder(index, setup)
+        for path, size in warm:
+            builder.mapped.warm(path, size)
     except BaseException as exc:
         conn.send(("failed", _pack(exc)))
         return
