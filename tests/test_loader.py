@@ -436,8 +436,11 @@ def test_the_first_window_is_built_inline_and_batches_match_the_threads_order(ds
         for _ in range(2):
             it = iter(loader)
             first = next(it)
-            # The run's first window comes from this thread: no prefetch thread has started yet.
-            assert not _threads()
+            # The run's first window comes from this thread: none of its prefetch workers has
+            # started yet (from the second epoch on, the loader's idle threads are kept for them).
+            run = loader._run() if loader._run is not None else None
+            assert run is not None and run.prefetcher.alive_threads == 0
+            assert len(_threads()) == (0 if not out else workers)
             for b in [first, *it]:
                 assert np.array_equal(b["label"].numpy(), b["index"].numpy())
                 out.append(tuple(b["index"].tolist()))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hpstore.loading.prefetch import Prefetcher
+from hpstore.loading.prefetch import Prefetcher, ThreadGroup
 
 
 class Jobs:
@@ -112,3 +112,46 @@ def test_an_inline_first_job_that_fails_raises_and_starts_no_threads() -> None:
         next(p)
     p.close()
     assert p.alive_threads == 0
+
+
+def _group_threads(name: str) -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith(name)}
+
+
+def test_a_thread_group_keeps_its_threads_across_prefetchers_until_one_is_cut_short() -> None:
+    import gc
+    import weakref
+
+    name = "hpstore-prefetch-kept"
+    group = ThreadGroup(2, name=name)
+    for _ in range(3):  # successive runs (a loader's epochs) on the same two threads
+        jobs = Jobs()
+        p = Prefetcher(range(20), jobs, workers=2, budget_bytes=300, cost=lambda i: 100, threads=group)
+        assert list(p) == [i * i for i in range(20)]
+        p.close()
+        assert p.alive_threads == 0 and sorted(jobs.started) == list(range(20))
+        assert _group_threads(name) == {f"{name}-0", f"{name}-1"}
+    # An idle thread holds no reference to the last job it ran (a loader must be collectable).
+    held = Jobs()
+    ref = weakref.ref(held)
+    p = Prefetcher(range(3), held, workers=2, budget_bytes=300, cost=lambda i: 100, threads=group)
+    assert list(p) == [0, 1, 4]
+    p.close()
+    del p, held
+    gc.collect()
+    assert ref() is None
+    # Cut short (abandoned mid-way, or failed): the group's threads stop, and start again if needed.
+    p = Prefetcher(range(30), Jobs(), workers=2, budget_bytes=300, cost=lambda i: 100, threads=group)
+    next(p)
+    p.close()
+    assert not _group_threads(name)
+    p = Prefetcher(range(30), Jobs(fail_at=3), workers=2, budget_bytes=300, cost=lambda i: 100, threads=group)
+    with pytest.raises(ValueError, match="job 3 failed"):
+        list(p)
+    p.close()
+    assert not _group_threads(name)
+    p = Prefetcher(range(5), Jobs(), workers=2, budget_bytes=300, cost=lambda i: 100, threads=group)
+    assert list(p) == [0, 1, 4, 9, 16]
+    p.close()
+    group.close(join=True)
+    assert not _group_threads(name)

@@ -202,6 +202,61 @@ def test_window_rows_are_the_stream_whatever_the_chunking(byte_store: Path, seq:
         assert np.array_equal(batch["tokens"].numpy(), tokens[starts[:, None] + np.arange(seq + 1)])
 
 
+@pytest.mark.parametrize("seq", [1, 100, 2047, 5000])
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_batches_without_index_are_the_indexed_batches(byte_store: Path, seq: int, shuffle: bool) -> None:
+    """Without ``with_index`` grid windows are walked in natural order and each row sent to its
+    output position (no sort): the batches are exactly those of the indexed path, checked against
+    the stream, epoch after epoch on the threads a loader keeps between epochs."""
+    ds = hpstore.open(str(byte_store)).split("train")
+    tokens = ds.read(np.arange(len(ds)))["tokens"]
+    view = ds.windows("tokens", seq)
+    indexed = hpstore.Loader(view, 7, seed=7, shuffle=shuffle, shuffle_window=3, with_index=True)
+    for workers in (0, 2):
+        plain = hpstore.Loader(view, 7, seed=7, shuffle=shuffle, shuffle_window=3, num_workers=workers)
+        for epoch in (0, 1, 2):
+            plain.set_epoch(epoch)
+            indexed.set_epoch(epoch)
+            got = [b for b in plain]
+            want = [b for b in indexed]
+            assert len(got) == len(want) == len(plain)
+            for g, w in zip(got, want, strict=True):
+                assert set(g) == {"tokens"}
+                assert np.array_equal(g["tokens"].numpy(), w["tokens"].numpy())
+                starts = view.starts(w["index"].numpy(), seed=7, epoch=epoch)
+                assert np.array_equal(g["tokens"].numpy(), tokens[starts[:, None] + np.arange(seq + 1)])
+        plain.close()
+
+
+@pytest.mark.parametrize("chunk_bytes", ["4K", "64K"])
+def test_ingest_hands_whole_chunks_across_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_bytes: str
+) -> None:
+    """Tokens reach the writer one chunk at a time, as views of a piece or joined across pieces
+    (pieces of ~4 KB here: smaller than 64K chunks, larger than 4K ones): the stream, both splits
+    and the chunking are those of any other append."""
+    from hpstore.format.writer import Layout, split_geometry
+    from hpstore.options import parse_size
+    from tools.sources import text
+
+    monkeypatch.setattr(text, "BLOCK_BYTES", 4096)
+    docs = paragraphs() * 3
+    src = tmp_path / "corpus.jsonl"
+    src.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    args = ["--tokenizer", "byte", "--chunk-bytes", chunk_bytes, "--holdout", "0.1", "--workers", "2"]
+    assert ingest(src, tmp_path / "s", *args) == 0
+    store = hpstore.open(str(tmp_path / "s"))
+    layout = Layout(chunk_bytes=parse_size(chunk_bytes))
+    for split, want in (
+        ("train", [d for i, d in enumerate(docs) if i % 10 != 9]),
+        ("val", [d for i, d in enumerate(docs) if i % 10 == 9]),
+    ):
+        ds = store.split(split)
+        assert np.array_equal(ds.read(np.arange(len(ds)))["tokens"], byte_stream([d.encode() for d in want]))
+        assert ds.spec.chunk_rows == split_geometry({"tokens": np.zeros(1, np.uint16)}, layout)[0]
+        assert ds.spec.num_chunks == -(-len(ds) // ds.spec.chunk_rows)
+
+
 def test_resume_yields_exactly_the_rest(byte_store: Path) -> None:
     view = hpstore.open(str(byte_store)).split("train").windows("tokens", 64)
     full = hpstore.Loader(view, 8, seed=1, world_size=2, rank=1, with_index=True, shuffle_window=2)

@@ -13,10 +13,12 @@ default ``val``), for validation loss on text the model never trained on.
 Flow: a reader thread reads raw pieces in order (2 MB blocks of whole JSON lines, Parquet record
 batches, groups of text files; ``tools.sources.text``) -> ``--workers`` threads each parse, check
 and tokenize a piece (Arrow's JSON parser, UTF-8 validation, the byte tokenizer's numpy calls and
-``tokenizers``' Rust all run without the GIL), at most ``workers + 1`` pieces in flight -> the
-main thread takes results in document order, sends held-out documents to their split, and
-appends tokens and offsets to ``StoreWriter`` (bounded encode and write pools) -> the manifest
-commits last. Memory is a few pieces and chunks whatever the corpus size. Parsing used to run on
+``tokenizers``' Rust all run without the GIL), up to ``2 · workers`` pieces ahead of the one
+being appended (so tokenizers keep going while the main thread waits for a free encode slot) ->
+the main thread takes results in document order, sends held-out documents to their split, and
+appends tokens, one whole chunk at a time and mostly as views of the tokenizer's output (no join
+or copy on the main thread), and offsets to ``StoreWriter``, whose encode pool compresses and
+checksums chunks in parallel (zstd releases the GIL) -> the manifest commits last. Memory is a few pieces and chunks whatever the corpus size. Parsing used to run on
 the reader thread alone, which capped a byte-level ingest at one core's JSON parsing.
 
 Exit status as ``tools.ingest``: 0 done; 2 bad input (invalid UTF-8, a missing text column, an
@@ -40,7 +42,7 @@ import numpy as np
 
 from hpstore.errors import InputError
 from hpstore.format.manifest import Manifest
-from hpstore.format.writer import SplitWriter, StoreWriter
+from hpstore.format.writer import SplitWriter, StoreWriter, split_geometry
 from hpstore.memory import bound_heap
 from hpstore.options import OneLineParser, parse_size, parse_storage_option
 from hpstore.storage.open import open_storage
@@ -59,8 +61,6 @@ from tools.sources.text import Parsed, Piece, TextSource, open_text
 
 TOKENS_FIELD = "tokens"
 DOCS_SUFFIX = ".docs"
-APPEND_TOKENS = 1 << 18
-"""Tokens per append before the split writer has chosen its chunk size."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,14 +163,24 @@ Encoded = dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 class _SplitTokens:
-    """Appends one split's tokens and its documents' offsets, in document order."""
+    """Appends one split's tokens and its documents' offsets, in document order.
 
-    def __init__(self, writer: StoreWriter, name: str, attrs: dict[str, Any]) -> None:
+    Tokens reach the split writer one whole chunk at a time, each a view of the tokenizer's output
+    where a chunk lies inside one piece (most of them: a piece holds a few chunks): the writer then
+    neither joins nor copies them before encoding. Only a chunk that spans two pieces is copied
+    once, from the pieces' tails and heads kept here. (The writer re-joins its whole buffer for
+    every chunk it emits: fed arbitrary pieces, that copy was the main thread's largest cost.)"""
+
+    def __init__(self, writer: StoreWriter, name: str, attrs: dict[str, Any], dtype: np.dtype[Any]) -> None:
         self.tokens: SplitWriter = writer.split(name, attrs={TOKENS_FIELD: attrs})
         self.docs: SplitWriter = writer.split(name + DOCS_SUFFIX)
         self.name = name
         self.total = 0
         self.documents = 0
+        # The split writer's own chunk size for this field (it derives it from the row size alone).
+        self.chunk = split_geometry({TOKENS_FIELD: np.zeros(1, dtype)}, writer.layout)[0]
+        self._tail: list[np.ndarray] = []  # tokens short of a whole chunk, in order
+        self._tail_size = 0
 
     def append(self, ids: np.ndarray, lengths: np.ndarray) -> None:
         if not len(lengths):
@@ -180,17 +190,32 @@ class _SplitTokens:
         np.cumsum(lengths[:-1], out=starts[1:])
         starts[1:] += self.total
         self.docs.append({OFFSETS_FIELD: starts})
-        # In pieces of at most a chunk: the split writer re-joins its whole buffer for every chunk it
-        # emits, so one 8 MB batch appended at once cost a quadratic amount of copying.
-        step = max(1, self.tokens.chunk_rows or APPEND_TOKENS)
-        for i in range(0, ids.size, step):
-            self.tokens.append({TOKENS_FIELD: ids[i : i + step]})
         self.total += int(ids.size)
         self.documents += len(lengths)
+        c, at = self.chunk, 0
+        if self._tail_size:
+            at = min(c - self._tail_size, ids.size)
+            self._tail.append(ids[:at])
+            self._tail_size += at
+            if self._tail_size < c:
+                return
+            self._put(np.concatenate(self._tail))
+            self._tail, self._tail_size = [], 0
+        while ids.size - at >= c:
+            self._put(ids[at : at + c])
+            at += c
+        if at < ids.size:
+            self._tail, self._tail_size = [ids[at:]], ids.size - at
+
+    def _put(self, tokens: np.ndarray) -> None:
+        self.tokens.append({TOKENS_FIELD: tokens})
 
     def finish(self, writer: StoreWriter) -> None:
         if not self.documents:
             raise InputError(f"split {self.name!r} received no documents (a smaller --holdout? more text?)")
+        if self._tail_size:
+            self._put(np.concatenate(self._tail))
+            self._tail, self._tail_size = [], 0
         self.docs.append({OFFSETS_FIELD: np.array([self.total], dtype=np.int64)})
         writer.add_split(self.tokens)
         writer.add_split(self.docs)
@@ -283,8 +308,11 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
     with StoreWriter(
         storage, layout=cfg.layout_config().layout(), overwrite=cfg.overwrite, source=record
     ) as writer:
-        outs = {n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}) for n in names}
+        outs = {n: _SplitTokens(writer, n, {**attrs, DOCUMENTS_ATTR: n + DOCS_SUFFIX}, dtype) for n in names}
         workers = max(1, cfg.workers)
+        # Pieces tokenized ahead of the one being appended: while the main thread waits for the
+        # encode pool (at most 2 chunks per encoder in flight), the tokenizers keep going.
+        depth = 2 * workers
         pending: deque[Future[_Tokenized]] = deque()
         rows: dict[str, int] = {}  # documents of each file so far (error messages name them)
         first = 0  # documents kept so far (the held-out split takes every holdout_period-th)
@@ -309,7 +337,7 @@ def ingest_tokens(cfg: TokenIngestConfig, *, stream: TextIO = sys.stderr) -> Tok
             try:
                 for piece in pieces:
                     pending.append(pool.submit(_tokenize, source, tok, dtype, piece))
-                    drain(workers)
+                    drain(depth)
                 drain(0)
             finally:
                 for f in pending:

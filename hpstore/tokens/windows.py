@@ -265,6 +265,18 @@ class TokenWindows:
         pin: bool,
     ) -> WindowRows:
         """A shuffle window's rows, gathered from decoded token chunks (``chunk_of``)."""
+        if self._starts is None and not with_index:
+            # Grid windows: walk the window in natural order, where its rows already come in runs
+            # of consecutive windows (one per plan chunk piece), and send each row to its output
+            # position (the window's inverse permutation): no sort, and no index array built.
+            natural = window.natural_indices()
+            starts = self.phase(plan.spec.seed, plan.epoch) + natural * self.seq_len
+            grid = take((len(natural), self.width), self.dtype)
+            _gather_runs(
+                starts, self.seq_len, self.width, self.chunk_tokens,
+                lambda c: chunk_of(self.field, c), grid.numpy(), dest=window.destinations,
+            )  # fmt: skip
+            return _WindowBatches(window, {self.field: grid}, index=None, pin=pin)
         idx = window.indices()
         starts = self.starts(idx, seed=plan.spec.seed, epoch=plan.epoch)
         out = take((len(idx), self.width), self.dtype)
@@ -401,8 +413,12 @@ def _gather_runs(
     chunk_tokens: int,
     chunk_of: Callable[[int], Any],
     out: np.ndarray,
+    *,
+    dest: np.ndarray | None = None,
 ) -> None:
     """``out[k] = tokens[starts[k] : starts[k] + width]``, each row copied once, straight from its chunk.
+    With ``dest``: ``out[dest[k]] = tokens[starts[k] : ...]`` instead, ``starts`` already in an
+    order where runs are adjacent (a window's natural order), so nothing is sorted.
 
     Grid windows sorted by start form long runs ``s, s + step, s + 2·step, ...`` inside one chunk; a
     run is a strided view of that chunk (``width`` tokens every ``step``), scattered into its output
@@ -415,8 +431,11 @@ def _gather_runs(
     straddle chunks (at most one per chunk boundary) are copied piece by piece; arbitrary starts
     simply make runs of one."""
     n = len(starts)
-    order = np.argsort(starts, kind="stable")
-    s = starts[order]
+    if dest is None:
+        order = np.argsort(starts, kind="stable")
+        s = starts[order]
+    else:
+        order, s = dest, starts
     first = s // chunk_tokens
     inside = (s - first * chunk_tokens) + width <= chunk_tokens
     joins = np.ones(n, dtype=bool)
