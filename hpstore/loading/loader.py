@@ -91,7 +91,7 @@ from hpstore.loading.options import (
     DEFAULT_SHUFFLE_WINDOW,
     LoaderOptions,
 )
-from hpstore.loading.plan import EpochPlan, History, PlanSpec
+from hpstore.loading.plan import EpochPlan, History, PlanSpec, Window
 from hpstore.loading.prefetch import Prefetcher, ThreadGroup
 from hpstore.loading.workers import ProcessWindows, WorkerPool, WorkerSetup, slot_bytes
 from hpstore.memory import keep_freed_memory
@@ -610,6 +610,7 @@ class _Builder:
         self.loader = loader
         self.plan = plan
         self.future: list[tuple[str, int]] = []
+        self.first_window = first_window
         self.bases = self._plan_cache(first_window, only_first)
         # Built on the consumer's thread (no window threads): while it works on window j, window
         # j+1's chunks are read and decoded on the fetcher's read-ahead thread, so the consumer,
@@ -649,10 +650,22 @@ class _Builder:
         keys = [(name, c) for c in loader._stored_chunks(self.plan, window.chunks) for name in loader.fields]
         base = self.bases[j]
         values = loader.cache.get_many(keys, range(base, base + len(keys)))
-        if self.read_ahead and j + 1 < self.plan.num_windows:
-            ahead = self.future[self.bases[j + 1] : self.bases[j + 2]]
-            loader.cache.fetch_ahead(ahead, loader.fetcher.ahead)
-        chunks = dict(zip(keys, values, strict=True))
+        ahead = self.read_ahead and j + 1 < self.plan.num_windows
+        # A run's first window is gathered first: its batch is the one waited for, and the
+        # read-ahead thread's start and Python would compete with the gather for the GIL.
+        if ahead and j != self.first_window:
+            self._read_ahead(j + 1)
+        rows = self._assemble(window, dict(zip(keys, values, strict=True)))
+        if ahead and j == self.first_window:
+            self._read_ahead(j + 1)
+        return rows
+
+    def _read_ahead(self, j: int) -> None:
+        ahead = self.future[self.bases[j] : self.bases[j + 1]]
+        self.loader.cache.fetch_ahead(ahead, self.loader.fetcher.ahead)
+
+    def _assemble(self, window: Window, chunks: dict[tuple[str, int], Chunk]) -> batching.WindowRows:
+        loader = self.loader
         t0 = time.perf_counter()
         if loader.view is not None:
             rows = loader.view.assemble(
