@@ -77,33 +77,49 @@ def tensors(state: Any) -> list[torch.Tensor]:
 
 def copy_limit(state: Any, buffer: torch.Tensor, *, threads: int, rounds: int = 3) -> float:
     """Seconds to copy every tensor of ``state`` into ``buffer`` (preallocated, warm) with
-    ``threads`` threads, each copying an equal byte slice of every tensor with ``np.copyto`` (which
-    releases the GIL and runs on one core: no intra-op thread team to wait for), best of
-    ``rounds``: the machine's all-core copy time for these bytes, with no per-save work at all."""
-    jobs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    ``threads`` threads, each copy an ``np.copyto`` (which releases the GIL and runs on one core:
+    no intra-op thread team to wait for), best of ``rounds`` and of two ways to share the bytes:
+    each thread an equal slice of every tensor, or each thread one contiguous run of the whole
+    byte stream (fewer, larger copies, which glibc makes with non-temporal stores above its
+    threshold: ~1.7x faster for 200 MB pieces on the development VM). The machine's all-core copy
+    time for these bytes, with no per-save work at all."""
     host = buffer.numpy()
+    pairs: list[tuple[np.ndarray, np.ndarray]] = []
     offset = 0
     for t in tensors(state):
         src = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        dst = host[offset : offset + src.nbytes]
+        pairs.append((host[offset : offset + src.nbytes], src))
         offset += src.nbytes
+    sliced: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    for dst, src in pairs:
         step = -(-src.nbytes // threads)
         for k, a in enumerate(range(0, src.nbytes, step)):
-            jobs[k].append((dst[a : a + step], src[a : a + step]))
+            sliced[k].append((dst[a : a + step], src[a : a + step]))
+    runs: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(threads)]
+    share, done = -(-offset // threads), 0
+    for dst, src in pairs:
+        a = 0
+        while a < src.nbytes:
+            k = min(done // share, threads - 1)
+            b = min(src.nbytes, a + (k + 1) * share - done) if k < threads - 1 else src.nbytes
+            runs[k].append((dst[a:b], src[a:b]))
+            done += b - a
+            a = b
 
-    def work(k: int) -> None:
-        for dst, src in jobs[k]:
+    def work(jobs: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        for dst, src in jobs:
             np.copyto(dst, src)
 
     best = float("inf")
-    for _ in range(rounds + 1):  # the first round faults the buffer's pages in
-        pool = [threading.Thread(target=work, args=(k,)) for k in range(threads)]
-        t0 = time.perf_counter()
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-        best = min(best, time.perf_counter() - t0)
+    for way in (sliced, runs):
+        for _ in range(rounds + 1):  # the first round faults the buffer's pages in
+            pool = [threading.Thread(target=work, args=(jobs,)) for jobs in way]
+            t0 = time.perf_counter()
+            for th in pool:
+                th.start()
+            for th in pool:
+                th.join()
+            best = min(best, time.perf_counter() - t0)
     return best
 
 
