@@ -8,7 +8,8 @@ from typing import Any
 import numba
 import numpy as np
 
-from hpstore.images.resample import COEF_BITS
+COEF_BITS = 11
+"""Weights in 1/2048ths (OpenCV's ``INTER_RESIZE_COEF_BITS``): two passes keep int32 headroom."""
 
 ONE = 1 << COEF_BITS
 HALF = 1 << (2 * COEF_BITS - 1)

@@ -24,9 +24,6 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-COEF_BITS = 11
-"""Weights in 1/2048ths (OpenCV's ``INTER_RESIZE_COEF_BITS``): two passes keep int32 headroom."""
-
 Kernel = Callable[..., None]
 
 _kernel: Kernel | None = None
