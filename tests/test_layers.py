@@ -102,3 +102,14 @@ def test_no_import_cycles_between_modules() -> None:
         if m not in state:
             visit(m, [m])
     assert not cycles, "\n".join(cycles)
+
+
+def test_the_ingest_command_does_not_import_torch() -> None:
+    # Every ingest run would pay torch's import (~3 s here, against ~1.5 s for a whole small ingest).
+    import subprocess
+    import sys
+
+    code = "import sys, tools.ingest, tools.ingest_tokens, tools.prepare; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
