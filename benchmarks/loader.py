@@ -146,6 +146,10 @@ class Epoch:
     def rate(self) -> float:
         return self.samples / self.seconds
 
+    @property
+    def cpu_us_per_sample(self) -> float:
+        return self.cpu_seconds / self.samples * 1e6
+
 
 def _cpu() -> float:
     """CPU seconds of this process (all threads) and of its reaped children."""
@@ -406,10 +410,8 @@ def _throughput(data: Data, state: str, results: dict[str, list[Epoch]], note: s
                 target=target,
                 extra={
                     "MB_s": float(np.median([e.rate * data.sample_bytes / MB for e in ours])),
-                    "cpu_us_per_sample": float(np.median([e.cpu_seconds / e.samples * 1e6 for e in ours])),
-                    "naive_cpu_us_per_sample": float(
-                        np.median([e.cpu_seconds / e.samples * 1e6 for e in naive])
-                    ),
+                    "cpu_us_per_sample": float(np.median([e.cpu_us_per_sample for e in ours])),
+                    "naive_cpu_us_per_sample": float(np.median([e.cpu_us_per_sample for e in naive])),
                     "naive_samples_measured": int(naive[0].samples),
                     "wait_seconds": float(np.median([e.stats["wait_seconds"] for e in ours])),
                     "note": note,
@@ -438,9 +440,9 @@ def _throughput(data: Data, state: str, results: dict[str, list[Epoch]], note: s
                 bench="loader",
                 name=f"{data.name} {state}, {workers} workers: CPU time per sample",
                 unit="µs",
-                values=[e.cpu_seconds / e.samples * 1e6 for e in ours],
+                values=[e.cpu_us_per_sample for e in ours],
                 baseline=f"naive, {workers} workers",
-                baseline_values=[e.cpu_seconds / e.samples * 1e6 for e in naive],
+                baseline_values=[e.cpu_us_per_sample for e in naive],
                 higher_is_better=False,
                 extra={"note": "all threads of the process plus its worker processes"},
             )
@@ -473,9 +475,7 @@ def _throughput(data: Data, state: str, results: dict[str, list[Epoch]], note: s
             extra={
                 "note": "not a fair contender: serial chunk reads, fresh shared memory per window, "
                 "worker start-up inside the timed epoch; no conclusion is drawn from it",
-                "cpu_us_per_sample": float(
-                    np.median([e.cpu_seconds / e.samples * 1e6 for e in results["process 2"]])
-                ),
+                "cpu_us_per_sample": float(np.median([e.cpu_us_per_sample for e in results["process 2"]])),
             },
         )
     )

@@ -482,13 +482,17 @@ def test_corrupt_zarr_metadata_is_detected_on_load(tmp_path: Path, which: str) -
         assert ck2.load()["n"] == 1
 
 
+def sliced_copies(monkeypatch: pytest.MonkeyPatch, *, cpus: int) -> None:
+    """Small slices and no inline threshold, so a small state takes the sliced, threaded path."""
+    monkeypatch.setattr(staging, "COPY_SLICE", 1000)
+    monkeypatch.setattr(staging, "COPY_INLINE", 0)
+    monkeypatch.setattr(staging.os, "cpu_count", lambda: cpus)
+
+
 def test_snapshot_copies_big_tensors_in_slices_on_several_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Small slices and no inline threshold, so a small state takes the sliced, threaded path.
-    monkeypatch.setattr(staging, "COPY_SLICE", 1000)
-    monkeypatch.setattr(staging, "COPY_INLINE", 0)
-    monkeypatch.setattr(staging.os, "cpu_count", lambda: 3)
+    sliced_copies(monkeypatch, cpus=3)
     g = torch.Generator().manual_seed(7)
     state: dict[str, Any] = {
         "big": torch.randn(10_001, generator=g),  # cut at every 1000 bytes and at the thread cuts
@@ -538,9 +542,7 @@ def test_repeated_saves_reuse_their_copy_tasks_and_still_see_every_change(
     import gc
     import weakref
 
-    monkeypatch.setattr(staging, "COPY_SLICE", 1000)
-    monkeypatch.setattr(staging, "COPY_INLINE", 0)
-    monkeypatch.setattr(staging.os, "cpu_count", lambda: 2)
+    sliced_copies(monkeypatch, cpus=2)
     g = torch.Generator().manual_seed(3)
     state: dict[str, Any] = {
         "w": torch.randn(64, 64, generator=g),
